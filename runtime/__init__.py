@@ -1,0 +1,1 @@
+"""sdexport runtime: loads a frozen artifact and generates images with no model code."""

@@ -1,0 +1,1 @@
+"""sdexport: Stable Diffusion to a frozen, compiled artifact with fused kernels."""

@@ -1,0 +1,47 @@
+"""Builds the fused-op library `runtime._C` from csrc/ with ninja.
+
+CPU kernels always; CUDA kernels too when torch was built with CUDA and nvcc is found
+(set SDEXPORT_NO_CUDA=1 to skip them, SDEXPORT_FORCE_CUDA=1 to build them without a GPU).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("SDEXPORT_NO_CUDA") == "1":
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    return os.environ.get("SDEXPORT_FORCE_CUDA") == "1" or torch.cuda.is_available()
+
+
+def extensions() -> list:
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    if _want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        return [
+            CUDAExtension(
+                "runtime._C",
+                sources,
+                extra_compile_args={"cxx": [*cxx, "-DSDFUSED_WITH_CUDA"], "nvcc": nvcc},
+                py_limited_api=True,
+            )
+        ]
+    return [CppExtension("runtime._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)
