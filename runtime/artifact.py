@@ -1,0 +1,173 @@
+"""`runtime.load(path)`: verify an artifact and run it through the shared pipeline.
+
+Each format's modules become plain callables over tensors; no model code is imported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from runtime.backend import ModelInfo
+from runtime.cudagraph import GraphedCall
+from runtime.manifest import ArtifactError, Manifest, read_manifest
+from runtime.pipeline import Pipeline
+from runtime.tokenizer import ClipTokenizer
+
+Call = Callable[..., Tensor]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _version(v: str) -> tuple[int, int]:
+    major, minor = v.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _check_compatible(m: Manifest, device: torch.device, root: Path) -> None:
+    here, built = _version(torch.__version__), _version(m.torch_version)
+    if m.format == "aoti" and here != built:
+        raise ArtifactError(f"{root}: AOTInductor artifacts run only on the torch they were built with "
+                            f"({m.torch_version}); this is torch {torch.__version__}. Rebuild the artifact.")
+    if m.format == "pt2" and here < built:
+        raise ArtifactError(f"{root}: built with torch {m.torch_version}, newer than this torch "
+                            f"{torch.__version__}; upgrade torch or rebuild the artifact")
+    if m.format in ("aoti",) and device.type != m.device:
+        raise ArtifactError(f"{root}: this {m.format} artifact was compiled for {m.device}; "
+                            f"it cannot run on {device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"{root}: CUDA was requested but this torch sees no CUDA device")
+
+
+def _load_safetensors(path: Path, device: torch.device) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=str(device))
+
+
+def _pt2(program: Path, weights: Path, device: torch.device) -> Call:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.load(str(program))
+    state = _load_safetensors(weights, device)
+    missing = set(ep.state_dict) - set(state)
+    if missing:
+        raise ArtifactError(f"{weights}: weights missing for {sorted(missing)[:5]}")
+    for name in ep.state_dict:  # the program holds zero-stride placeholders; the weights live beside it
+        ep.state_dict[name] = torch.nn.Parameter(state[name], requires_grad=False)
+    for name in ep.constants:
+        if name in state:
+            ep.constants[name] = state[name]
+    module: Call = ep.module().to(device)
+    return module
+
+
+def _aoti(program: Path, weights: Path, device: torch.device) -> Call:
+    from torch._inductor import aoti_load_package
+
+    compiled = aoti_load_package(str(program))
+    state = _load_safetensors(weights, device)
+    names = [n for n in compiled.get_constant_fqns() if not n.startswith("_FOLDED_CONST")]
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ArtifactError(f"{weights}: weights missing for {missing[:5]}")
+    # Folded constants are recomputed from these at the first run (runtime constant folding), so a
+    # weight swap (LoRA merge, fine-tune) needs no recompile.
+    compiled.load_constants({n: state[n] for n in names}, check_full_update=False)
+    return compiled  # type: ignore[no-any-return]
+
+
+def _torchscript(program: Path, device: torch.device) -> Call:
+    module: Call = torch.jit.load(str(program), map_location=device)
+    return module
+
+
+def _onnx(program: Path, device: torch.device) -> Call:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ArtifactError("ONNX artifacts need onnxruntime: pip install onnxruntime") from None
+    providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(program), sess_options=opts, providers=providers)
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*args: Tensor) -> Tensor:
+        feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)}
+        out = session.run(None, feeds)[0]
+        return torch.from_numpy(out).to(device)
+
+    return run
+
+
+class ArtifactBackend:
+    """A `Backend` over the four compiled modules of an artifact."""
+
+    def __init__(self, root: Path, m: Manifest, device: torch.device, cuda_graphs: bool) -> None:
+        self.manifest = m
+        self.device = device
+        self.dtype = DTYPES[m.dtype]
+        self.info = ModelInfo(family=m.family, unet_in_channels=m.unet_in_channels,
+                              latent_channels=m.latent_channels, scaling_factor=m.scaling_factor,
+                              scheduler_config=m.scheduler_config, name=m.model_name, hash=m.model_hash)
+        self.tokenizer = ClipTokenizer.from_json((root / m.tokenizer).read_text(encoding="utf-8"))
+        calls: dict[str, Call] = {}
+        for name, files in m.modules.items():
+            program = root / files["program"]
+            if m.format == "pt2":
+                calls[name] = _pt2(program, root / files["weights"], device)
+            elif m.format == "aoti":
+                calls[name] = _aoti(program, root / files["weights"], device)
+            elif m.format == "torchscript":
+                calls[name] = _torchscript(program, device)
+            else:
+                calls[name] = _onnx(program, device)
+        self._text, self._decode, self._encode = calls["text_encoder"], calls["vae_decoder"], calls["vae_encoder"]
+        unet = calls["unet"]
+        self._unet: Call = GraphedCall(unet) if cuda_graphs and device.type == "cuda" else unet
+
+    def check_shape(self, batch: int, height: int, width: int) -> None:
+        self.manifest.shapes.check(batch, height, width)
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        rows = 2 * self.manifest.shapes.max_batch * self.manifest.shapes.max_chunks
+        if ids.shape[0] > rows:
+            raise ValueError(f"prompt too long for this artifact: {ids.shape[0]} 77-token chunks in the "
+                             f"batch, at most {rows} (max_chunks={self.manifest.shapes.max_chunks})")
+        return self._text(ids)
+
+    def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
+        t = t.to(device=self.device, dtype=torch.float32).reshape(1).expand(x.shape[0]).contiguous()
+        return self._unet(x.to(self.dtype), t, context.to(self.dtype), weights.to(self.dtype))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self._decode(z.to(self.dtype))
+
+    def encode(self, image: Tensor) -> Tensor:
+        return self._encode(image.to(self.dtype))
+
+
+def load(path: str | Path, device: str | torch.device | None = None, *, cuda_graphs: bool = True,
+         low_ram: bool = False, verify: bool = True) -> Pipeline:
+    """Load an artifact built by `sdexport build` and return a pipeline with text2img/img2img/inpaint.
+
+    device: defaults to the device the artifact was built for. cuda_graphs: capture the UNet step in a
+    CUDA graph per input shape (CUDA only). verify: check the sha256 of every file first.
+    """
+    root = Path(path)
+    m = read_manifest(root, verify=verify)
+    dev = torch.device(device if device is not None else m.device)
+    _check_compatible(m, dev, root)
+    if m.kernels == "fused":
+        from runtime import ops
+
+        try:
+            ops.load()
+        except (ImportError, OSError, RuntimeError) as e:
+            raise ArtifactError(f"{root}: this artifact uses the fused ops, but the op library could not "
+                                f"be loaded: {e}") from None
+    return Pipeline(ArtifactBackend(root, m, dev, cuda_graphs), low_ram=low_ram)

@@ -1,0 +1,133 @@
+"""The artifact manifest: what was built, for which shapes and torch, and a sha256 of every file.
+
+Written last by `sdexport build` (inside a temporary directory that is then renamed into place),
+read and verified first by `runtime.load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FORMATS = ("aoti", "pt2", "torchscript", "onnx")
+MODULES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, corrupt, tampered with, or unusable here; the message says which."""
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    max_batch: int  # images per call; the UNet serves 2x this (classifier-free guidance)
+    min_size: int  # pixels, both sides
+    max_size: int
+    multiple: int  # pixel sizes must be multiples of this
+    max_chunks: int  # 77-token prompt chunks
+
+    def check(self, batch: int, height: int, width: int) -> None:
+        """`batch` counts UNet rows (2 per image with CFG)."""
+        if not 1 <= batch <= 2 * self.max_batch:
+            raise ValueError(f"batch of {batch} UNet rows is outside this artifact's range "
+                             f"(max_batch={self.max_batch} images, i.e. {2 * self.max_batch} rows with CFG)")
+        for name, px in (("height", height), ("width", width)):
+            if not self.min_size <= px <= self.max_size or px % self.multiple:
+                raise ValueError(f"{name} {px} px is outside this artifact's range: multiples of "
+                                 f"{self.multiple} from {self.min_size} to {self.max_size} px")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    family: str
+    prediction_type: str
+    unet_in_channels: int
+    latent_channels: int
+    scaling_factor: float
+    context_dim: int
+    scheduler_config: dict[str, Any]
+    shapes: ShapeRange
+    dtype: str  # "float32" | "float16" | "bfloat16"
+    device: str  # "cpu" | "cuda"
+    torch_version: str
+    op_library_version: str  # "" when built with --kernels native
+    kernels: str  # "fused" | "native"
+    model_name: str
+    model_hash: str
+    build_options: dict[str, Any]
+    modules: dict[str, dict[str, str]]  # module -> {"program": file, "weights": file or ""}
+    tokenizer: str = "tokenizer.json"
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> Manifest:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{where}: manifest.json is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{where}: manifest.json must hold a JSON object")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(f"{where}: artifact format version {version!r} is not supported by this "
+                                f"runtime (expects {FORMAT_VERSION}); rebuild it with `sdexport build`")
+        try:
+            d["shapes"] = ShapeRange(**d["shapes"])
+            m = cls(**d)
+        except (TypeError, KeyError) as e:
+            raise ArtifactError(f"{where}: manifest.json is incomplete or malformed ({e})") from None
+        if m.format not in FORMATS:
+            raise ArtifactError(f"{where}: unknown artifact format {m.format!r}")
+        if set(m.modules) != set(MODULES):
+            raise ArtifactError(f"{where}: manifest lists modules {sorted(m.modules)}, expected {list(MODULES)}")
+        return m
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file under root except the manifest, keyed by posix relative path."""
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def read_manifest(root: Path, verify: bool = True) -> Manifest:
+    """Read root/manifest.json; with verify, check that the files are exactly those hashed, unaltered."""
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: no such artifact directory")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{root}: not an sdexport artifact (manifest.json is missing)")
+    m = Manifest.from_json(path.read_text(encoding="utf-8"), root)
+    if verify:
+        verify_files(root, m)
+    return m
+
+
+def verify_files(root: Path, m: Manifest) -> None:
+    problems: list[str] = []
+    for rel, digest in sorted(m.files.items()):
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"missing file {rel}")
+        elif sha256_file(p) != digest:
+            problems.append(f"checksum mismatch in {rel} (corrupt, truncated or modified)")
+    needed = {m.tokenizer} | {f for mod in m.modules.values() for f in mod.values() if f}
+    problems += [f"manifest does not hash {rel}" for rel in sorted(needed - set(m.files))]
+    if problems:
+        raise ArtifactError(f"{root}: artifact failed verification: " + "; ".join(problems))

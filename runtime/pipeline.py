@@ -1,0 +1,350 @@
+"""text2img / img2img / inpaint on any `Backend`, with classifier-free guidance and prompt emphasis.
+
+The loop follows diffusers' StableDiffusion{,Img2Img,Inpaint}Pipeline step for step so that the
+same weights, noise and scheduler give the same images (tests/test_pipeline.py holds us to it).
+Random draws happen on the CPU from one generator per image, in the order diffusers uses with a
+list of generators: VAE-encoder sample, initial noise, masked-image sample, then sampler noise.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from runtime.backend import Backend
+from runtime.png import Parameters, format_parameters
+from runtime.prompt import EncodedPrompt, encode_prompt
+from runtime.schedulers import (
+    SCHEDULERS,
+    SchedulerConfig,
+    add_noise,
+    initial_latents,
+    make_schedule,
+    sample,
+)
+
+Output = Literal["pil", "tensor"]
+ImageInput = Image.Image | Sequence[Image.Image] | Tensor
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class _Job:
+    prompts: list[str]
+    negatives: list[str]
+    steps: int
+    scale: float
+    height: int
+    width: int
+    seeds: list[int]
+    scheduler: str
+    eta: float
+    strength: float
+
+
+class Pipeline:
+    """Generates images with a backend. `low_ram` runs the two CFG halves one after the other."""
+
+    def __init__(self, backend: Backend, low_ram: bool = False) -> None:
+        self.backend = backend
+        self.sequential_cfg = low_ram
+
+    # ---- public API -------------------------------------------------------------------------
+    def text2img(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        steps: int = 28,
+        scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        seed: int | Sequence[int] | None = None,
+        scheduler: str = "ddim",
+        eta: float = 0.0,
+        batch_size: int = 1,
+        latents: Tensor | None = None,
+        output: Output = "pil",
+        progress: Progress | None = None,
+    ) -> list[Image.Image] | Tensor:
+        job = self._job(prompt, negative_prompt, steps, scale, height, width, seed, scheduler, eta,
+                        batch_size, 1.0)
+        return self._generate(job, None, None, latents, output, progress)
+
+    def img2img(
+        self,
+        image: ImageInput,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        strength: float = 0.8,
+        steps: int = 28,
+        scale: float = 7.5,
+        seed: int | Sequence[int] | None = None,
+        scheduler: str = "ddim",
+        eta: float = 0.0,
+        batch_size: int = 1,
+        output: Output = "pil",
+        progress: Progress | None = None,
+    ) -> list[Image.Image] | Tensor:
+        img = to_image_tensor(image, "image")
+        batch_size = _batch_from(img, batch_size)
+        job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
+                        scheduler, eta, batch_size, strength)
+        return self._generate(job, _repeat(img, batch_size), None, None, output, progress)
+
+    def inpaint(
+        self,
+        image: ImageInput,
+        mask: ImageInput,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        strength: float = 1.0,
+        steps: int = 28,
+        scale: float = 7.5,
+        seed: int | Sequence[int] | None = None,
+        scheduler: str = "ddim",
+        eta: float = 0.0,
+        batch_size: int = 1,
+        latents: Tensor | None = None,
+        output: Output = "pil",
+        progress: Progress | None = None,
+    ) -> list[Image.Image] | Tensor:
+        img = to_image_tensor(image, "image")
+        msk = to_mask_tensor(mask)
+        if msk.shape[2:] != img.shape[2:]:
+            raise ValueError(f"mask size {tuple(msk.shape[2:])} (h, w) does not match image size "
+                             f"{tuple(img.shape[2:])}")
+        batch_size = _batch_from(img, batch_size)
+        job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
+                        scheduler, eta, batch_size, strength)
+        return self._generate(job, _repeat(img, batch_size), _repeat(msk, batch_size), latents, output,
+                              progress)
+
+    # ---- validation -------------------------------------------------------------------------
+    def _job(self, prompt: str | Sequence[str], negative: str | Sequence[str], steps: int, scale: float,
+             height: int, width: int, seed: int | Sequence[int] | None, scheduler: str, eta: float,
+             batch_size: int, strength: float) -> _Job:
+        if isinstance(prompt, str):
+            prompts = [prompt] * batch_size
+        else:
+            prompts = list(prompt)
+            if batch_size not in (1, len(prompts)):
+                raise ValueError(f"got {len(prompts)} prompts but batch_size={batch_size}")
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        n = len(prompts)
+        negatives = [negative] * n if isinstance(negative, str) else list(negative)
+        if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
+            raise ValueError(f"negative_prompt must be a string or a list of {n} strings")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise ValueError(f"scale (CFG) must be a finite number, got {scale!r}")
+        for name, px in (("height", height), ("width", width)):
+            if isinstance(px, bool) or not isinstance(px, int) or px < 8 or px % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8 pixels, got {px!r}")
+        if not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be within [0, 1], got {strength!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        return _Job(prompts, negatives, steps, float(scale), height, width, _seeds(seed, n), scheduler,
+                    float(eta), float(strength))
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _generate(self, job: _Job, image: Tensor | None, mask: Tensor | None, latents: Tensor | None,
+                  output: Output, progress: Progress | None) -> list[Image.Image] | Tensor:
+        if output not in ("pil", "tensor"):
+            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+        be = self.backend
+        info = be.info
+        n, h, w = len(job.prompts), job.height // 8, job.width // 8
+        cfg = job.scale > 1.0  # as diffusers: guidance off for scale <= 1
+        be.check_shape(n if (self.sequential_cfg or not cfg) else 2 * n, job.height, job.width)
+        latent_shape = (n, info.latent_channels, h, w)
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}")
+        nine = info.unet_in_channels == 9
+        if mask is not None and info.unet_in_channels not in (4, 9):
+            raise ValueError(f"inpainting needs a 4- or 9-channel UNet, this one has {info.unet_in_channels}")
+        if mask is None and info.unet_in_channels != 4:
+            raise ValueError("this is an inpainting model (9-channel UNet): use inpaint()")
+
+        schedule = make_schedule(job.scheduler, SchedulerConfig.from_dict(info.scheduler_config),
+                                 job.steps, job.strength)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
+        context, weights = self._encode_prompts(job, cfg)
+
+        # Draw order per generator follows diffusers (see module docstring).
+        image_latents: Tensor | None = None
+        masked_latents: Tensor | None = None
+        latent_mask: Tensor | None = None
+        full_strength = job.strength >= 1.0
+        if image is not None and (mask is None or not nine or not full_strength):
+            image_latents = self._encode_image(image, gens) * info.scaling_factor
+        noise = _draw(gens, latent_shape).to(be.device, be.dtype) if latents is None else latents.to(
+            be.device, be.dtype)
+        if mask is not None:
+            assert image is not None
+            binary = (mask >= 0.5).to(image.dtype)
+            latent_mask = torch.nn.functional.interpolate(binary, size=(h, w)).to(be.device, be.dtype)
+            if nine:
+                masked_latents = self._encode_image(image * (binary < 0.5), gens) * info.scaling_factor
+
+        start = image_latents if (mask is None or not full_strength) else None
+        x = initial_latents(schedule, noise, start)
+
+        def model(x_in: Tensor, t: Tensor) -> Tensor:
+            if nine:
+                assert latent_mask is not None and masked_latents is not None
+                x_in = torch.cat([x_in, latent_mask, masked_latents], dim=1)
+            t = t.to(be.device)
+            if not cfg:
+                return be.unet(x_in, t, context, weights)
+            if self.sequential_cfg:
+                uncond = be.unet(x_in, t, context[:n], weights[:n])
+                cond = be.unet(x_in, t, context[n:], weights[n:])
+            else:
+                out = be.unet(torch.cat([x_in, x_in]), t, context, weights)
+                uncond, cond = out.chunk(2)
+            return uncond + job.scale * (cond - uncond)
+
+        step_count = schedule.num_steps
+
+        def callback(i: int, x: Tensor) -> Tensor:
+            if progress is not None:
+                progress(i + 1, step_count)
+            if mask is None or nine:
+                return x
+            assert image_latents is not None and latent_mask is not None
+            proper = add_noise(schedule, image_latents, noise, i + 1) if i < step_count - 1 else image_latents
+            return (1 - latent_mask) * proper + latent_mask * x
+
+        def noise_fn() -> Tensor:
+            return _draw(gens, latent_shape).to(be.device, be.dtype)
+
+        with torch.inference_mode():
+            x = sample(schedule, model, x, noise_fn, job.eta, callback)
+            images = be.decode(x / info.scaling_factor)
+        images = (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+        if output == "tensor":
+            return images
+        return [self._to_pil(img, job, i) for i, img in enumerate(images)]
+
+    def _encode_prompts(self, job: _Job, cfg: bool) -> tuple[Tensor, Tensor]:
+        """-> context (N, 77k, D) and token weights (N, 77k): rows [negatives; prompts] with CFG, else prompts."""
+        tok = self.backend.tokenizer
+        texts = [*job.negatives, *job.prompts] if cfg else job.prompts
+        encoded = [encode_prompt(tok, t) for t in texts]
+        chunks = max(e.n_chunks for e in encoded)
+        encoded = [e if e.n_chunks == chunks else encode_prompt(tok, t, min_chunks=chunks)
+                   for e, t in zip(encoded, texts, strict=True)]
+        return self._encode_ids(encoded, chunks)
+
+    def _encode_ids(self, encoded: list[EncodedPrompt], chunks: int) -> tuple[Tensor, Tensor]:
+        be = self.backend
+        ids = torch.stack([e.ids for e in encoded]).to(be.device)  # (N, 77k)
+        weights = torch.stack([e.weights for e in encoded]).to(be.device, be.dtype)
+        with torch.inference_mode():
+            ctx = be.encode_text(ids.reshape(-1, 77))  # each 77-token chunk encoded on its own
+        return ctx.reshape(ids.shape[0], chunks * 77, -1), weights
+
+    def _encode_image(self, image: Tensor, gens: list[torch.Generator]) -> Tensor:
+        be = self.backend
+        with torch.inference_mode():
+            moments = be.encode((image * 2 - 1).to(be.device, be.dtype))
+        mean, logvar = moments.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        eps = _draw(gens, tuple(mean.shape)).to(mean.device)
+        return (mean + std * eps).to(be.dtype)
+
+    def _to_pil(self, img: Tensor, job: _Job, i: int) -> Image.Image:
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        pil = Image.fromarray(arr)
+        info = self.backend.info
+        pil.info["parameters"] = format_parameters(Parameters(
+            prompt=job.prompts[i], negative_prompt=job.negatives[i], steps=job.steps,
+            sampler=job.scheduler, cfg_scale=job.scale, seed=job.seeds[i], width=job.width,
+            height=job.height, model_hash=info.hash, model=info.name,
+            strength=job.strength if job.strength < 1.0 else None))
+        return pil
+
+
+def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
+    if seed is None:
+        base = secrets.randbelow(2**32)
+        return [(base + i) % 2**64 for i in range(n)]
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return [seed + i for i in range(n)]  # A1111 convention: consecutive seeds in a batch
+    seeds = list(seed)
+    if len(seeds) != n or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ValueError(f"seed must be an int or a list of {n} ints, got {seed!r}")
+    return seeds
+
+
+def _draw(gens: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
+    """One standard-normal draw per image from its own CPU generator, float32."""
+    one = (1, *shape[1:])
+    return torch.cat([torch.randn(one, generator=g, dtype=torch.float32) for g in gens])
+
+
+def _batch_from(img: Tensor, batch_size: int) -> int:
+    if img.shape[0] > 1 and batch_size not in (1, img.shape[0]):
+        raise ValueError(f"got {img.shape[0]} images but batch_size={batch_size}")
+    return max(batch_size, img.shape[0])
+
+
+def _repeat(t: Tensor, n: int) -> Tensor:
+    return t if t.shape[0] == n else t.expand(n, *t.shape[1:]).contiguous()
+
+
+def to_image_tensor(image: ImageInput, what: str) -> Tensor:
+    """PIL image(s) or a tensor (B, 3, H, W) / (3, H, W) in [0, 1] -> float32 (B, 3, H, W)."""
+    if isinstance(image, Tensor):
+        t = image.detach().float().cpu()
+        if t.dim() == 3:
+            t = t.unsqueeze(0)
+        if t.dim() != 4 or t.shape[1] != 3:
+            raise ValueError(f"{what} tensor must be (B, 3, H, W) or (3, H, W), got {tuple(image.shape)}")
+        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+            raise ValueError(f"{what} tensor values must be finite and within [0, 1]")
+    else:
+        pics = [image] if isinstance(image, Image.Image) else list(image)
+        if not pics or not all(isinstance(p, Image.Image) for p in pics):
+            raise ValueError(f"{what} must be a PIL image, a list of them, or a tensor")
+        if len({p.size for p in pics}) != 1:
+            raise ValueError(f"all {what}s must have the same size")
+        arrs = [np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0 for p in pics]
+        t = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    if t.shape[2] % 8 or t.shape[3] % 8:
+        raise ValueError(f"{what} height and width must be multiples of 8, got {t.shape[2]}x{t.shape[3]}")
+    return t
+
+
+def to_mask_tensor(mask: ImageInput) -> Tensor:
+    """PIL mask(s) (white = repaint) or a tensor (B, 1, H, W) / (H, W) in [0, 1] -> (B, 1, H, W)."""
+    if isinstance(mask, Tensor):
+        t = mask.detach().float().cpu()
+        while t.dim() < 4:
+            t = t.unsqueeze(0)
+        if t.shape[1] != 1:
+            raise ValueError(f"mask tensor must be (B, 1, H, W), (1, H, W) or (H, W), got {tuple(mask.shape)}")
+        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+            raise ValueError("mask tensor values must be finite and within [0, 1]")
+        return t
+    pics = [mask] if isinstance(mask, Image.Image) else list(mask)
+    if not pics or not all(isinstance(p, Image.Image) for p in pics):
+        raise ValueError("mask must be a PIL image, a list of them, or a tensor")
+    arrs = [np.asarray(p.convert("L"), dtype=np.float32) / 255.0 for p in pics]
+    return torch.from_numpy(np.stack(arrs)).unsqueeze(1)

@@ -1,0 +1,78 @@
+"""PNG output with A1111-style `parameters` text, readable by other tools' "PNG info"."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+# Our scheduler names -> the sampler names A1111 writes.
+SAMPLER_NAMES = {
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "lms": "LMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "unipc": "UniPC",
+}
+
+
+@dataclass(frozen=True)
+class Parameters:
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    cfg_scale: float
+    seed: int
+    width: int
+    height: int
+    model_hash: str = ""
+    model: str = ""
+    strength: float | None = None  # img2img / inpaint "Denoising strength"
+
+
+def format_parameters(p: Parameters) -> str:
+    lines = [p.prompt]
+    if p.negative_prompt:
+        lines.append(f"Negative prompt: {p.negative_prompt}")
+    fields = [
+        f"Steps: {p.steps}",
+        f"Sampler: {SAMPLER_NAMES.get(p.sampler, p.sampler)}",
+        f"CFG scale: {p.cfg_scale:g}",
+        f"Seed: {p.seed}",
+        f"Size: {p.width}x{p.height}",
+    ]
+    if p.model_hash:
+        fields.append(f"Model hash: {p.model_hash}")
+    if p.model:
+        fields.append(f"Model: {p.model}")
+    if p.strength is not None:
+        fields.append(f"Denoising strength: {p.strength:g}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:
+    """Write `image` to `path` atomically with a `parameters` tEXt chunk (default: image.info's)."""
+    path = Path(path)
+    text = parameters if parameters is not None else image.info.get("parameters")
+    meta = PngInfo()
+    if isinstance(text, str):
+        meta.add_text("parameters", text)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

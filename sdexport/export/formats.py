@@ -1,0 +1,86 @@
+"""One writer per artifact format. Each takes an eval-mode module, example inputs and torch.export
+dynamic-shape specs, writes its files into the artifact directory and returns their names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], dyn: Any) -> torch.export.ExportedProgram:
+    return torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
+
+
+def _weights(ep: torch.export.ExportedProgram) -> dict[str, Tensor]:
+    state = {k: v for k, v in ep.state_dict.items() if isinstance(v, Tensor)}
+    state.update({k: v for k, v in ep.constants.items() if isinstance(v, Tensor)})
+    # safetensors refuses shared storage; each entry gets its own contiguous copy.
+    return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def write_pt2(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path) -> dict[str, str]:
+    """torch.export ExportedProgram; weights in .safetensors beside it, the program keeps only
+    zero-stride placeholders (a few bytes each) so a weight swap needs no re-export."""
+    ep = _export(module, args, dyn)
+    weights = _weights(ep)
+    save_file(weights, str(out / f"{name}.safetensors"))
+    for k, v in list(ep.state_dict.items()):
+        ep.state_dict[k] = nn.Parameter(torch.zeros((), dtype=v.dtype, device=v.device).expand(v.shape),
+                                        requires_grad=False)
+    for k, v in list(ep.constants.items()):
+        if isinstance(v, Tensor):
+            ep.constants[k] = torch.zeros((), dtype=v.dtype, device=v.device).expand(v.shape)
+    torch.export.save(ep, str(out / f"{name}.pt2"))
+    return {"program": f"{name}.pt2", "weights": f"{name}.safetensors"}
+
+
+def write_aoti(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path) -> dict[str, str]:
+    """AOTInductor package without weights inside the .so; constants folded at run time, so weights
+    loaded from the .safetensors (and later swapped) take effect everywhere."""
+    ep = _export(module, args, dyn)
+    save_file(_weights(ep), str(out / f"{name}.safetensors"))
+    torch._inductor.aoti_compile_and_package(
+        ep,
+        package_path=str(out / f"{name}.pt2"),
+        inductor_configs={
+            "aot_inductor.package_constants_in_so": False,
+            "aot_inductor.use_runtime_constant_folding": True,
+        },
+    )
+    return {"program": f"{name}.pt2", "weights": f"{name}.safetensors"}
+
+
+def write_torchscript(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any,
+                      out: Path) -> dict[str, str]:
+    """torch.jit trace + freeze (weights are inlined by freezing; the format keeps them inside)."""
+    traced = torch.jit.trace(module, args, check_trace=False)
+    frozen = torch.jit.freeze(traced.eval())
+    torch.jit.save(frozen, str(out / f"{name}.ts"))
+    return {"program": f"{name}.ts", "weights": ""}
+
+
+def write_onnx(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path) -> dict[str, str]:
+    """ONNX (dynamo exporter); our custom ops become standard ONNX ops via a translation table.
+    Weights go to ONNX external data beside the graph."""
+    from sdexport.export.onnx_ops import translation_table
+
+    onnx_path = out / f"{name}.onnx"
+    program = torch.onnx.export(module, args, dynamic_shapes=dyn, dynamo=True, external_data=True,
+                                custom_translation_table=translation_table(), optimize=True,
+                                verbose=False)
+    if program is None:
+        raise RuntimeError(f"ONNX export of {name} produced nothing")
+    program.save(str(onnx_path), external_data=True)
+    data = out / f"{name}.onnx.data"
+    return {"program": onnx_path.name, "weights": data.name if data.exists() else ""}
+
+
+WRITERS = {"pt2": write_pt2, "aoti": write_aoti, "torchscript": write_torchscript, "onnx": write_onnx}
+
+
+def write(fmt: str, name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path) -> dict[str, str]:
+    return WRITERS[fmt](name, module, args, dyn, out)

@@ -1,0 +1,127 @@
+"""The four exported functions, their example inputs and their dynamic-shape specs.
+
+Signatures (what `runtime.artifact.ArtifactBackend` calls):
+    text_encoder(ids (N, 77) int64) -> (N, 77, D)
+    unet(x (B, Cin, h, w), t (B,) float32, context (B, 77k, D), weights (B, 77k)) -> (B, 4, h, w)
+    vae_decoder(z (B, 4, h, w)) -> (B, 3, 8h, 8w)
+    vae_encoder(image (B, 3, H, W)) -> (B, 8, H/8, W/8)   # mean and logvar, concatenated
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from sdexport.models.text_encoder import TextEncoder
+from sdexport.models.unet import UNet
+from sdexport.models.vae import VAE
+
+
+class UNetStep(nn.Module):
+    def __init__(self, unet: UNet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
+        return self.unet(x, t, context, weights)
+
+
+class TextEncode(nn.Module):
+    def __init__(self, text_encoder: TextEncoder) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.text_encoder(ids)
+
+
+class VAEDecode(nn.Module):
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.vae.decode(z)
+
+
+class VAEMoments(nn.Module):
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: Tensor) -> Tensor:
+        mean, logvar = self.vae.moments(image)
+        return torch.cat([mean, logvar], dim=1)
+
+
+def _dim(name: str, lo: int, hi: int) -> Any:
+    """A dynamic dimension, or None (static) when the range holds one value."""
+    return None if lo == hi else Dim(name, min=lo, max=hi)
+
+
+def _times(d: Any, k: int) -> Any:
+    return None if d is None else d * k
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """Example inputs for tracing and torch.export dynamic-shape specs for each module.
+
+    Examples avoid sizes 0 and 1 on dynamic axes, which torch.export would specialise.
+    """
+
+    max_batch: int
+    min_size: int
+    max_size: int
+    max_chunks: int
+    multiple: int = 64
+
+    @property
+    def example_size(self) -> int:
+        return min(max(self.min_size, 2 * self.multiple), self.max_size)
+
+    def _batch(self, hi: int) -> tuple[int, Any]:
+        return min(2, hi), _dim("batch", 1, hi)
+
+    def _spatial(self, unit: int) -> tuple[Any, Any]:
+        lo, hi = self.min_size // self.multiple, self.max_size // self.multiple
+        return _times(_dim("h", lo, hi), unit), _times(_dim("w", lo, hi), unit)
+
+    def text_encoder(self, device: torch.device) -> tuple[tuple[Tensor, ...], Any]:
+        rows, dim = self._batch(2 * self.max_batch * self.max_chunks)
+        ids = torch.zeros(rows, 77, dtype=torch.long, device=device)
+        return (ids,), {"ids": {0: dim}}
+
+    def unet(self, in_channels: int, context_dim: int, dtype: torch.dtype,
+             device: torch.device) -> tuple[tuple[Tensor, ...], Any]:
+        lat = self.example_size // 8
+        b, batch = self._batch(2 * self.max_batch)
+        chunks = min(2, self.max_chunks)
+        args = (torch.randn(b, in_channels, lat, lat, dtype=dtype, device=device),
+                torch.full((b,), 500.0, device=device),
+                torch.randn(b, 77 * chunks, context_dim, dtype=dtype, device=device),
+                torch.ones(b, 77 * chunks, dtype=dtype, device=device))
+        h, w = self._spatial(self.multiple // 8)
+        tokens = _times(_dim("chunks", 1, self.max_chunks), 77)
+        spec = {"x": {0: batch, 2: h, 3: w}, "t": {0: batch}, "context": {0: batch, 1: tokens},
+                "weights": {0: batch, 1: tokens}}
+        return args, spec
+
+    def vae_decoder(self, latent_channels: int, dtype: torch.dtype,
+                    device: torch.device) -> tuple[tuple[Tensor, ...], Any]:
+        lat = self.example_size // 8
+        b, batch = self._batch(self.max_batch)
+        z = torch.randn(b, latent_channels, lat, lat, dtype=dtype, device=device)
+        h, w = self._spatial(self.multiple // 8)
+        return (z,), {"z": {0: batch, 2: h, 3: w}}
+
+    def vae_encoder(self, dtype: torch.dtype, device: torch.device) -> tuple[tuple[Tensor, ...], Any]:
+        size = self.example_size
+        b, batch = self._batch(self.max_batch)
+        image = torch.rand(b, 3, size, size, dtype=dtype, device=device) * 2 - 1
+        h, w = self._spatial(self.multiple)
+        return (image,), {"image": {0: batch, 2: h, 3: w}}

@@ -1,0 +1,200 @@
+"""`StableDiffusion`: the eager pipeline, our typed modules plugged into the shared runtime loop."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from runtime.backend import ModelInfo
+from runtime.pipeline import Pipeline
+from runtime.tokenizer import ClipTokenizer
+from sdexport.loading import Checkpoint, load_checkpoint
+from sdexport.loading.errors import load_strict
+from sdexport.models.config import TextEncoderConfig, UNetConfig, VAEConfig
+from sdexport.models.layers import Backend, set_attention_chunks, set_backend
+from sdexport.models.text_encoder import TextEncoder, strip_text_model_prefix
+from sdexport.models.unet import UNet
+from sdexport.models.vae import VAE
+
+
+class EagerBackend:
+    """A `runtime.backend.Backend` over the eager modules."""
+
+    def __init__(self, unet: UNet, vae: VAE, text_encoder: TextEncoder, tokenizer: ClipTokenizer,
+                 info: ModelInfo) -> None:
+        self.unet_module = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.info = info
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return self.unet_module.device
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self.unet_module.dtype
+
+    def check_shape(self, batch: int, height: int, width: int) -> None:
+        # Each UNet downsampling halves the latent; sizes must survive that and come back equal.
+        unit = 8 * 2 ** (len(self.unet_module.config.block_out_channels) - 1)
+        for name, px in (("height", height), ("width", width)):
+            if px % unit:
+                raise ValueError(f"{name} must be a multiple of {unit} px for this UNet, got {px}")
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        return self.text_encoder(ids)  # type: ignore[no-any-return]
+
+    def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
+        return self.unet_module(x, t, context, weights)  # type: ignore[no-any-return]
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.vae.decode(z)
+
+    def encode(self, image: Tensor) -> Tensor:
+        mean, logvar = self.vae.moments(image)
+        return torch.cat([mean, logvar], dim=1)
+
+
+def _model_hash(path: Path) -> str:
+    """A1111's "Model hash": the first 10 hex digits of the weights file's sha256."""
+    target = path
+    if path.is_dir():
+        candidates = sorted((path / "unet").glob("diffusion_pytorch_model*"))
+        if not candidates:
+            return ""
+        target = candidates[0]
+    h = hashlib.sha256()
+    with target.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+class StableDiffusion(Pipeline):
+    """Eager SD 1.x / 2.x pipeline with fluent setters; `text2img`, `img2img`, `inpaint` as the runtime."""
+
+    backend: EagerBackend
+
+    def __init__(self, backend: EagerBackend, scheduler_config: Mapping[str, Any], source: Path | None,
+                 low_ram: bool = False) -> None:
+        super().__init__(backend, low_ram=low_ram)
+        self.scheduler_config = dict(scheduler_config)
+        self.source = source
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, prediction_type: str | None = None,
+                        clip_skip: int = 1, configs: Mapping[str, Mapping[str, Any]] | None = None
+                        ) -> StableDiffusion:
+        """Load a diffusers folder or a single-file `.safetensors` / `.ckpt` checkpoint (float32, CPU)."""
+        ck = load_checkpoint(path, prediction_type=prediction_type, configs=configs)
+        return cls.from_checkpoint(ck, clip_skip=clip_skip)
+
+    @classmethod
+    def from_checkpoint(cls, ck: Checkpoint, clip_skip: int = 1) -> StableDiffusion:
+        sd = cls.from_configs(ck.family, ck.unet_config, ck.vae_config, ck.text_config, ck.scheduler_config,
+                              clip_skip=clip_skip, tokenizer_dir=ck.tokenizer_dir, name=ck.source.stem,
+                              model_hash=_model_hash(ck.source), device="meta")
+        load_strict(sd.unet, ck.unet, "unet")
+        load_strict(sd.vae, ck.vae, "vae")
+        load_strict(sd.text_encoder, strip_text_model_prefix(ck.text_encoder), "text_encoder")
+        sd.source = ck.source
+        return sd
+
+    @classmethod
+    def from_configs(cls, family: str, unet_config: Mapping[str, Any], vae_config: Mapping[str, Any],
+                     text_config: Mapping[str, Any], scheduler_config: Mapping[str, Any], *,
+                     clip_skip: int = 1, tokenizer_dir: Path | None = None, name: str = "model",
+                     model_hash: str = "", device: str = "cpu") -> StableDiffusion:
+        """Modules from diffusers/transformers config dicts: random weights, or (device="meta")
+        empty ones that `load_strict` then fills by assignment."""
+        with torch.device(device):
+            unet = UNet(UNetConfig.from_diffusers(unet_config))
+            vae = VAE(VAEConfig.from_diffusers(vae_config))
+            text = TextEncoder(TextEncoderConfig.from_transformers(text_config, clip_skip))
+        if tokenizer_dir is not None:
+            tokenizer = ClipTokenizer.from_folder(tokenizer_dir)
+        else:
+            tokenizer = ClipTokenizer.bundled(pad="!" if family == "sd2" else "<|endoftext|>")
+        info = ModelInfo(family=family, unet_in_channels=unet.config.in_channels,
+                         latent_channels=vae.config.latent_channels, scaling_factor=vae.scaling_factor,
+                         scheduler_config=dict(scheduler_config), name=name, hash=model_hash)
+        for m in (unet, vae, text):
+            m.eval().requires_grad_(False)
+        return cls(EagerBackend(unet, vae, text, tokenizer, info), scheduler_config, None)
+
+    # ---- modules ----------------------------------------------------------------------------
+    @property
+    def unet(self) -> UNet:
+        return self.backend.unet_module
+
+    @property
+    def vae(self) -> VAE:
+        return self.backend.vae
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.backend.text_encoder
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        return self.backend.tokenizer
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.unet, self.vae, self.text_encoder)
+
+    # ---- fluent setters ---------------------------------------------------------------------
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        for m in self.modules():
+            m.to(device=device, dtype=dtype)
+        return self
+
+    def half(self) -> StableDiffusion:
+        return self.to(dtype=torch.float16)
+
+    def bfloat16(self) -> StableDiffusion:
+        return self.to(dtype=torch.bfloat16)
+
+    def float(self) -> StableDiffusion:
+        return self.to(dtype=torch.float32)
+
+    def cuda(self) -> StableDiffusion:
+        return self.to("cuda")
+
+    def cpu(self) -> StableDiffusion:
+        return self.to("cpu")
+
+    def half_weights(self) -> StableDiffusion:
+        """fp16 weights and compute on CUDA (half the memory); on the CPU, where fp16 is slow, bfloat16."""
+        return self.half() if self.backend.device.type == "cuda" else self.bfloat16()
+
+    def low_ram(self, enabled: bool = True) -> StableDiffusion:
+        """Run the two classifier-free-guidance halves one after the other instead of as one batch."""
+        self.sequential_cfg = enabled
+        return self
+
+    def split_attention(self, chunks: int = 2) -> StableDiffusion:
+        """Compute attention in `chunks` query chunks to cut peak memory (1 = off)."""
+        if chunks < 1:
+            raise ValueError(f"split_attention chunks must be >= 1, got {chunks}")
+        for m in self.modules():
+            set_attention_chunks(m, chunks)
+        return self
+
+    def attention_backend(self, backend: Backend | str) -> StableDiffusion:
+        """Select the kernels of the fused call sites: `reference`, `sdpa` or `fused`."""
+        b = backend if isinstance(backend, Backend) else Backend(backend)
+        for m in self.modules():
+            set_backend(m, b)
+        return self
