@@ -192,15 +192,18 @@ class Pipeline:
         latent_mask: Tensor | None = None
         full_strength = job.strength >= 1.0
         if image is not None and (mask is None or not nine or not full_strength):
-            image_latents = self._encode_image(image, gens) * info.scaling_factor
-        noise = _draw(gens, latent_shape).to(be.device, be.dtype) if latents is None else latents.to(
-            be.device, be.dtype)
+            image_latents = self._encode_image(image * 2 - 1, gens) * info.scaling_factor
+        # Sampler state stays float32 whatever the model dtype; only UNet inputs are cast.
+        noise = (_draw(gens, latent_shape) if latents is None else latents.float()).to(be.device)
         if mask is not None:
             assert image is not None
             binary = (mask >= 0.5).to(image.dtype)
-            latent_mask = torch.nn.functional.interpolate(binary, size=(h, w)).to(be.device, be.dtype)
+            latent_mask = torch.nn.functional.interpolate(binary, size=(h, w)).to(be.device)
+            masked = (image * 2 - 1) * (binary < 0.5)  # masked pixels -> 0 in [-1, 1], as diffusers
             if nine:
-                masked_latents = self._encode_image(image * (binary < 0.5), gens) * info.scaling_factor
+                masked_latents = self._encode_image(masked, gens) * info.scaling_factor
+            else:  # diffusers encodes it anyway; draw its sample so sampler noise stays aligned
+                _draw(gens, latent_shape)
 
         start = image_latents if (mask is None or not full_strength) else None
         x = initial_latents(schedule, noise, start)
@@ -210,14 +213,14 @@ class Pipeline:
                 assert latent_mask is not None and masked_latents is not None
                 x_in = torch.cat([x_in, latent_mask, masked_latents], dim=1)
             t = t.to(be.device)
+            x_in = x_in.to(be.dtype)
             if not cfg:
-                return be.unet(x_in, t, context, weights)
+                return be.unet(x_in, t, context, weights).float()
             if self.sequential_cfg:
-                uncond = be.unet(x_in, t, context[:n], weights[:n])
-                cond = be.unet(x_in, t, context[n:], weights[n:])
+                uncond = be.unet(x_in, t, context[:n], weights[:n]).float()
+                cond = be.unet(x_in, t, context[n:], weights[n:]).float()
             else:
-                out = be.unet(torch.cat([x_in, x_in]), t, context, weights)
-                uncond, cond = out.chunk(2)
+                uncond, cond = be.unet(torch.cat([x_in, x_in]), t, context, weights).float().chunk(2)
             return uncond + job.scale * (cond - uncond)
 
         step_count = schedule.num_steps
@@ -232,11 +235,11 @@ class Pipeline:
             return (1 - latent_mask) * proper + latent_mask * x
 
         def noise_fn() -> Tensor:
-            return _draw(gens, latent_shape).to(be.device, be.dtype)
+            return _draw(gens, latent_shape).to(be.device)
 
         with torch.inference_mode():
             x = sample(schedule, model, x, noise_fn, job.eta, callback)
-            images = be.decode(x / info.scaling_factor)
+            images = be.decode((x / info.scaling_factor).to(be.dtype))
         images = (images.float() / 2 + 0.5).clamp(0, 1).cpu()
         if output == "tensor":
             return images
@@ -261,13 +264,14 @@ class Pipeline:
         return ctx.reshape(ids.shape[0], chunks * 77, -1), weights
 
     def _encode_image(self, image: Tensor, gens: list[torch.Generator]) -> Tensor:
+        """A posterior sample of `image` (in [-1, 1]), one draw per image from its generator."""
         be = self.backend
         with torch.inference_mode():
-            moments = be.encode((image * 2 - 1).to(be.device, be.dtype))
+            moments = be.encode(image.to(be.device, be.dtype))
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         eps = _draw(gens, tuple(mean.shape)).to(mean.device)
-        return (mean + std * eps).to(be.dtype)
+        return mean + std * eps
 
     def _to_pil(self, img: Tensor, job: _Job, i: int) -> Image.Image:
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -1,0 +1,285 @@
+"""`sdexport bench`: time each component and a whole image on every path, from one process.
+
+Every path is a `runtime.backend.Backend` (eager backends, loaded artifacts, diffusers), so the same
+inputs go through the same calls; each row also reports its max abs difference from eager `sdpa`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from runtime.backend import Backend, ModelInfo
+from runtime.pipeline import Pipeline
+from sdexport.models.layers import Backend as Kernels
+from sdexport.pipeline import StableDiffusion
+
+Log = Callable[[str], None]
+COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "vae_encode")
+
+
+@dataclass
+class BenchOptions:
+    model: str
+    artifacts: list[Any] = field(default_factory=list)
+    device: str = "cpu"
+    half: bool = False
+    width: int | None = None
+    height: int | None = None
+    steps: int = 20
+    repeat: int = 5
+    backends: list[str] = field(default_factory=lambda: ["reference", "sdpa", "fused"])
+    diffusers: bool = True
+    torch_compile: bool = False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int = 2) -> float:
+    """Median milliseconds of `repeat` calls after `warmup` (CUDA events on the GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass
+class Inputs:
+    ids: Tensor
+    x: Tensor
+    t: Tensor
+    context: Tensor
+    weights: Tensor
+    z: Tensor
+    image: Tensor
+
+
+def make_inputs(sd: StableDiffusion, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Inputs:
+    g = torch.Generator().manual_seed(0)
+    h, w = height // 8, width // 8
+    ctx_dim = sd.unet.config.cross_attention_dim
+    ids = sd.tokenizer.tokenize("a photograph of an astronaut riding a horse")[:75]
+    row = [sd.tokenizer.bos_id, *ids, sd.tokenizer.eos_id]
+    row += [sd.tokenizer.pad_id] * (77 - len(row))
+    return Inputs(
+        ids=torch.tensor([row, row], device=device),
+        x=torch.randn(2, sd.unet.config.in_channels, h, w, generator=g).to(device, dtype),
+        t=torch.tensor(500.0, device=device),
+        context=torch.randn(2, 77, ctx_dim, generator=g).to(device, dtype),
+        weights=torch.ones(2, 77, device=device, dtype=dtype),
+        z=torch.randn(1, 4, h, w, generator=g).to(device, dtype),
+        image=(torch.rand(1, 3, height, width, generator=g) * 2 - 1).to(device, dtype),
+    )
+
+
+def bench_backend(be: Backend, inp: Inputs, steps: int, height: int, width: int, repeat: int,
+                  device: torch.device) -> tuple[dict[str, float], dict[str, Tensor]]:
+    outs: dict[str, Tensor] = {}
+    calls: dict[str, Callable[[], Tensor]] = {
+        "text_encoder": lambda: be.encode_text(inp.ids),
+        "unet_step": lambda: be.unet(inp.x, inp.t, inp.context, inp.weights),
+        "vae_decode": lambda: be.decode(inp.z),
+        "vae_encode": lambda: be.encode(inp.image),
+    }
+    ms: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            outs[name] = call().float().cpu()
+            ms[name] = time_call(call, device, repeat)
+    pipe = Pipeline(be)
+
+    def image() -> Tensor:
+        out = pipe.text2img("a photograph of an astronaut riding a horse", steps=steps, height=height,
+                            width=width, seed=0, output="tensor")
+        assert isinstance(out, Tensor)
+        return out
+
+    outs["image"] = image()
+    ms["image"] = time_call(image, device, max(1, min(repeat, 3)), warmup=1)
+    return ms, outs
+
+
+class DiffusersBackend:
+    """diffusers' modules on our weights (same state-dict names), behind the Backend protocol."""
+
+    def __init__(self, sd: StableDiffusion, compile_unet: bool) -> None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        cfgs = _configs(sd)
+        self.unet_module = UNet2DConditionModel(**cfgs["unet"])
+        self.unet_module.load_state_dict(sd.unet.state_dict())
+        self.vae = AutoencoderKL(**cfgs["vae"])
+        self.vae.load_state_dict(sd.vae.state_dict())
+        self.text = CLIPTextModel(CLIPTextConfig(**cfgs["text"]))
+        self.text.text_model.load_state_dict(sd.text_encoder.state_dict(), strict=False)
+        dev, dt = sd.backend.device, sd.backend.dtype
+        for m in (self.unet_module, self.vae, self.text):
+            m.to(dev, dt).eval()
+        self.device, self.dtype = dev, dt
+        self.tokenizer = sd.tokenizer
+        self.info: ModelInfo = sd.info
+        self._unet: Any = self.unet_module
+        if compile_unet:
+            mode = "reduce-overhead" if dev.type == "cuda" else "default"
+            self._unet = torch.compile(self.unet_module, mode=mode)
+
+    def check_shape(self, batch: int, height: int, width: int) -> None:
+        return None
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        return self.text(ids)[0]  # type: ignore[no-any-return]
+
+    def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
+        return self._unet(x, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.vae.decode(z).sample  # type: ignore[no-any-return]
+
+    def encode(self, image: Tensor) -> Tensor:
+        return self.vae.encode(image).latent_dist.parameters  # type: ignore[no-any-return]
+
+
+def _configs(sd: StableDiffusion) -> dict[str, dict[str, Any]]:
+    from sdexport.presets import PRESETS, preset_config
+
+    name = sd.info.name.removesuffix("-random")
+    if name in PRESETS:
+        cfg = preset_config(name)
+        return {"unet": cfg["unet"], "vae": cfg["vae"], "text": cfg["text_encoder"]}
+    if sd.source is None:
+        raise ValueError("diffusers comparison needs a preset or a checkpoint path")
+    from sdexport.loading import load_checkpoint
+
+    ck = load_checkpoint(sd.source)
+    return {"unet": ck.unet_config, "vae": ck.vae_config, "text": ck.text_config}
+
+
+def _native_size(model: str) -> int:
+    from sdexport.presets import PUBLISHED, SMALL, preset_config
+
+    if model in SMALL:
+        return 128
+    if model in PUBLISHED:
+        return int(preset_config(model)["native_size"])
+    return 512
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _diff(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:
+        return float("nan")
+    return float((a - b).abs().max())
+
+
+def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
+    from sdexport.cli import open_model
+
+    device = torch.device(opts.device)
+    dtype = torch.float16 if opts.half else torch.float32
+    sd = open_model(opts.model).to(device, dtype)
+    height = opts.height or _native_size(opts.model)
+    width = opts.width or height
+    inp = make_inputs(sd, height, width, device, dtype)
+    rows: list[dict[str, Any]] = []
+    reference: dict[str, Tensor] = {}
+
+    def record(path: str, be: Backend) -> None:
+        log(f"timing {path} ...")
+        ms, outs = bench_backend(be, inp, opts.steps, height, width, opts.repeat, device)
+        if not reference:
+            reference.update(outs)
+        diffs = {k: _diff(outs[k], reference[k]) for k in outs}
+        rows.append({"path": path, "ms": ms, "max_abs_diff": diffs})
+
+    order = ["sdpa"] + [b for b in opts.backends if b != "sdpa"]  # sdpa first: it is the reference
+    for name in order:
+        if name == "fused":
+            from runtime import ops
+
+            if not ops.available():
+                log("skipping eager fused: op library not built")
+                continue
+        sd.attention_backend(Kernels(name))
+        record(f"eager {name}", sd.backend)
+    sd.attention_backend(Kernels.SDPA)
+    for art in opts.artifacts:
+        import runtime
+
+        t0 = time.perf_counter()
+        pipe = runtime.load(art, device=opts.device)
+        log(f"loaded {art} in {time.perf_counter() - t0:.2f}s")
+        record(f"artifact {pipe.backend.manifest.format} ({art})", pipe.backend)  # type: ignore[attr-defined]
+    if opts.diffusers:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            log("diffusers not installed: skipping its rows")
+        else:
+            record("diffusers eager", DiffusersBackend(sd, compile_unet=False))
+            if opts.torch_compile:
+                record("diffusers + torch.compile", DiffusersBackend(sd, compile_unet=True))
+    return {
+        "meta": {
+            "date": datetime.date.today().isoformat(),
+            "model": opts.model, "device": opts.device,
+            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+            or platform.machine(),
+            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+            "size": f"{width}x{height}", "steps": opts.steps, "repeat": opts.repeat,
+            "torch": torch.__version__, "revision": _git_revision(),
+        },
+        "rows": rows,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    head = (f"{meta['model']} {meta['size']} {meta['dtype']} on {meta['device']} ({meta['device_name']}, "
+            f"{meta['threads']} threads), torch {meta['torch']}, rev {meta['revision']}, {meta['date']}")
+    cols = [*COMPONENTS, "image"]
+    lines = [head, f"{'path':<44}" + "".join(f"{c:>14}" for c in cols) + f"{'max|diff|':>12}"]
+    base = result["rows"][0]["ms"] if result["rows"] else {}
+    for row in result["rows"]:
+        cells = []
+        for c in cols:
+            v = row["ms"][c]
+            unit = f"{v / 1e3:.2f}s" if c == "image" else f"{v:.2f}ms"
+            ratio = base[c] / v if v else float("nan")
+            cells.append(f"{unit} {ratio:4.2f}x")
+        worst = max(row["max_abs_diff"].values())
+        lines.append(f"{row['path'][:43]:<44}" + "".join(f"{s:>14}" for s in cells) + f"{worst:>12.2e}")
+    lines.append("ratios: speed relative to the first row (eager sdpa); >1 is faster")
+    return "\n".join(lines)

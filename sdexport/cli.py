@@ -1,0 +1,281 @@
+"""The `sdexport` command: build, generate, inspect, bench, demo."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(fn: F) -> F:
+    """Turn the errors a user can cause into one clean line instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from runtime.manifest import ArtifactError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, ArtifactError, FileExistsError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def open_model(model: str, prediction_type: str | None = None) -> Any:
+    """A preset name (demo, medium, sd15, ...) or a checkpoint path -> StableDiffusion."""
+    from sdexport.pipeline import StableDiffusion
+    from sdexport.presets import PRESETS, random_pipeline
+
+    if model in PRESETS and not Path(model).exists():
+        return random_pipeline(model)
+    return StableDiffusion.from_pretrained(model, prediction_type=prediction_type)
+
+
+def _stage_bar(label: str) -> tuple[Callable[[str], None], Callable[[], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=4, desc=label, unit="module")
+
+    def step(name: str) -> None:
+        if bar.n or bar.desc != label:
+            bar.update(1)
+        bar.set_description(f"{label}: {name}")
+
+    def close() -> None:
+        bar.update(bar.total - bar.n)
+        bar.close()
+
+    return step, close
+
+
+@click.group()
+@click.version_option(package_name="sdexport")
+def main() -> None:
+    """Stable Diffusion -> frozen compiled artifact with fused kernels, and a light runtime."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="artifact directory")
+@click.option("--format", "fmt", type=click.Choice(["aoti", "pt2", "torchscript", "onnx"]), default="aoti",
+              show_default=True)
+@click.option("--half", is_flag=True, help="fp16 weights and compute")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--kernels", type=click.Choice(["fused", "native"]), default="fused", show_default=True)
+@click.option("--max-batch", type=int, default=4, show_default=True, help="images per call")
+@click.option("--min-size", type=int, default=256, show_default=True, help="pixels")
+@click.option("--max-size", type=int, default=1024, show_default=True, help="pixels")
+@click.option("--max-chunks", type=int, default=3, show_default=True, help="77-token prompt chunks")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="override (single-file SD 2 768 checkpoints need v_prediction)")
+@click.option("--force", is_flag=True, help="replace an existing artifact")
+@_friendly
+def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str, max_batch: int,
+          min_size: int, max_size: int, max_chunks: int, prediction_type: str | None, force: bool) -> None:
+    """Export MODEL (diffusers folder, .safetensors/.ckpt, or a preset) into an artifact."""
+    from sdexport.export.build import BuildOptions
+    from sdexport.export.build import build as run_build
+
+    opts = BuildOptions(format=fmt, half=half, device=device, kernels=kernels, max_batch=max_batch,
+                        min_size=min_size, max_size=max_size, max_chunks=max_chunks)
+    opts.validate()
+    t0 = time.perf_counter()
+    sd = open_model(model, prediction_type)
+    step, close = _stage_bar(f"build {fmt}")
+    report = run_build(sd, out, opts, overwrite=force, progress=step)
+    close()
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f}s ({stages})")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-p", "--prompt", required=True)
+@click.option("-n", "--negative-prompt", default="")
+@click.option("--steps", type=int, default=28, show_default=True)
+@click.option("--cfg-scale", type=float, default=7.5, show_default=True)
+@click.option("-W", "--width", type=int, default=512, show_default=True)
+@click.option("-H", "--height", type=int, default=512, show_default=True)
+@click.option("-s", "--seed", type=int, default=None)
+@click.option("--sampler", default="ddim", show_default=True)
+@click.option("-b", "--batch-size", type=int, default=1, show_default=True)
+@click.option("--strength", type=float, default=None, help="img2img / inpaint strength")
+@click.option("-i", "--init", "init_image", type=click.Path(exists=True, path_type=Path), default=None)
+@click.option("--mask", type=click.Path(exists=True, path_type=Path), default=None)
+@click.option("--device", default=None, help="cpu or cuda (default: the model's)")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("."), show_default=True)
+@_friendly
+def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, width: int,
+             height: int, seed: int | None, sampler: str, batch_size: int, strength: float | None,
+             init_image: Path | None, mask: Path | None, device: str | None, out: Path) -> None:
+    """Generate PNGs (with A1111-style metadata) from MODEL: an artifact, a checkpoint or a preset."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from runtime.png import save_png
+
+    if mask is not None and init_image is None:
+        raise click.UsageError("--mask needs --init (the image to inpaint)")
+    t0 = time.perf_counter()
+    if (Path(model) / "manifest.json").is_file():
+        import runtime
+
+        pipe: Any = runtime.load(model, device=device)
+    else:
+        pipe = open_model(model)
+        if device is not None:
+            pipe.to(device)
+    loaded = time.perf_counter() - t0
+    bar = tqdm(total=steps, desc="sampling", unit="step")
+
+    def progress(i: int, n: int) -> None:
+        bar.total = n
+        bar.update(i - bar.n)
+
+    common: dict[str, Any] = dict(steps=steps, scale=cfg_scale, seed=seed, scheduler=sampler,
+                                  batch_size=batch_size, progress=progress)
+    t1 = time.perf_counter()
+    if init_image is None:
+        images = pipe.text2img(prompt, negative_prompt, height=height, width=width, **common)
+    else:
+        image = Image.open(init_image).convert("RGB")
+        if mask is None:
+            images = pipe.img2img(image, prompt, negative_prompt, strength=0.8 if strength is None else strength,
+                                  **common)
+        else:
+            images = pipe.inpaint(image, Image.open(mask), prompt, negative_prompt,
+                                  strength=1.0 if strength is None else strength, **common)
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    for img in images:
+        seed_text = img.info["parameters"].split("Seed: ")[1].split(",")[0]
+        path = save_png(img, _free_name(out, f"{seed_text}.png"))
+        click.echo(f"wrote {path}")
+    click.echo(f"load {loaded:.2f}s, generate {time.perf_counter() - t1:.2f}s")
+
+
+def _free_name(folder: Path, name: str) -> Path:
+    path, stem, k = folder / name, Path(name).stem, 1
+    while path.exists():
+        path, k = folder / f"{stem}-{k}.png", k + 1
+    return path
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@_friendly
+def inspect(artifact: Path) -> None:
+    """Print an artifact's manifest readably and verify every file's checksum."""
+    from runtime.manifest import read_manifest
+
+    m = read_manifest(artifact, verify=False)
+    s = m.shapes
+    rows = [
+        ("format", f"{m.format} (version {m.format_version})"),
+        ("model", f"{m.model_name} [{m.family}, {m.prediction_type}] hash {m.model_hash or '-'}"),
+        ("dtype / device", f"{m.dtype} / {m.device}"),
+        ("kernels", m.kernels + (f" (op library {m.op_library_version})" if m.op_library_version else "")),
+        ("torch", m.torch_version),
+        ("shapes", f"batch 1..{s.max_batch}, {s.min_size}..{s.max_size} px in steps of {s.multiple}, "
+                   f"prompts up to {s.max_chunks * 75} tokens"),
+        ("scheduler", json.dumps(m.scheduler_config, sort_keys=True)),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:>15}: {v}")
+    click.echo("          files:")
+    for rel in sorted(m.files):
+        size = (artifact / rel).stat().st_size if (artifact / rel).exists() else 0
+        click.echo(f"                 {rel:<32} {size / 2**20:9.2f} MiB")
+    from runtime.manifest import verify_files
+
+    verify_files(artifact, m)
+    click.echo(f"verified: {len(m.files)} files match their sha256")
+
+
+@main.command()
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["aoti", "pt2", "torchscript", "onnx"]), default="aoti",
+              show_default=True)
+@click.option("--kernels", type=click.Choice(["fused", "native"]), default="fused", show_default=True)
+@_friendly
+def demo(out: Path, fmt: str, kernels: str) -> None:
+    """Build the tiny random-weight demo model, load it with the runtime, generate one image."""
+    import runtime
+    from runtime.png import save_png
+    from sdexport.export.build import BuildOptions
+    from sdexport.export.build import build as run_build
+    from sdexport.presets import random_pipeline
+
+    if kernels == "fused":
+        from runtime import ops
+
+        if not ops.available():
+            click.echo("op library not built: using --kernels native", err=True)
+            kernels = "native"
+    t0 = time.perf_counter()
+    sd = random_pipeline("demo")
+    prompt = "a (red):1.4 fox in the snow, [blurry]"
+    t1 = time.perf_counter()
+    eager = sd.text2img(prompt, steps=20, height=128, width=128, seed=7, output="tensor")
+    t_eager = time.perf_counter() - t1
+    art = out / f"demo-{fmt}"
+    step, close = _stage_bar(f"build {fmt}")
+    run_build(sd, art, BuildOptions(format=fmt, kernels=kernels, max_batch=2, min_size=64, max_size=256),
+              overwrite=True, progress=step)
+    close()
+    t_build = time.perf_counter() - t1 - t_eager
+    t2 = time.perf_counter()
+    pipe = runtime.load(art)
+    t_load = time.perf_counter() - t2
+    images = pipe.text2img(prompt, steps=20, height=128, width=128, seed=7)
+    t_first = time.perf_counter() - t2 - t_load
+    t3 = time.perf_counter()
+    compiled = pipe.text2img(prompt, steps=20, height=128, width=128, seed=7, output="tensor")
+    t_second = time.perf_counter() - t3
+    png = save_png(images[0], out / "demo.png")
+    diff = (compiled - eager).abs().max().item()
+    click.echo(f"artifact  {art}  ({fmt}, kernels {kernels})")
+    click.echo(f"image     {png}  (128x128, 20 ddim steps, seed 7)")
+    click.echo(f"timings   model init {t1 - t0:.2f}s | build {t_build:.1f}s | load {t_load:.2f}s | "
+               f"first image {t_first:.2f}s | next image {t_second:.2f}s | eager image {t_eager:.2f}s")
+    click.echo(f"parity    max |compiled - eager| = {diff:.2e}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--artifact", "artifacts", multiple=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--half", is_flag=True)
+@click.option("-W", "--width", type=int, default=None, help="default: the model's native size")
+@click.option("-H", "--height", type=int, default=None)
+@click.option("--steps", type=int, default=20, show_default=True, help="steps of the whole-image timing")
+@click.option("--repeat", type=int, default=5, show_default=True)
+@click.option("--backends", default="reference,sdpa,fused", show_default=True)
+@click.option("--diffusers/--no-diffusers", "with_diffusers", default=True, show_default=True)
+@click.option("--compile/--no-compile", "with_compile", default=False, show_default=True,
+              help="also time diffusers + torch.compile")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@_friendly
+def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, width: int | None,
+          height: int | None, steps: int, repeat: int, backends: str, with_diffusers: bool,
+          with_compile: bool, json_path: Path | None) -> None:
+    """Time text encoder, UNet step (CFG batch 2), VAE decode/encode and a whole image, per path."""
+    from sdexport.bench import BenchOptions, format_table, run_bench
+
+    opts = BenchOptions(model=model, artifacts=list(artifacts), device=device, half=half, width=width,
+                        height=height, steps=steps, repeat=repeat,
+                        backends=[b for b in backends.split(",") if b], diffusers=with_diffusers,
+                        torch_compile=with_compile)
+    result = run_bench(opts, log=lambda s: click.echo(s, err=True))
+    click.echo(format_table(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        click.echo(f"wrote {json_path}")
