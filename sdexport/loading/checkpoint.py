@@ -1,0 +1,421 @@
+"""``load_checkpoint``: diffusers folders and LDM single files -> configs + state dicts.
+
+Output vocabulary: diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` config dicts and parameter
+names, transformers ``CLIPTextConfig`` dict and ``CLIPTextModel`` parameter names (of the installed
+transformers version, see :func:`.architecture.clip_text_prefix`). No network access, ever; no
+arbitrary unpickling (torch files are read with ``weights_only=True``).
+
+Prediction type: single files do not record it. SD 1.x and SD 2.x "base" (512 px) checkpoints are
+epsilon-prediction (the default); SD 2.0/2.1 768 px checkpoints are **v-prediction** and must be loaded
+with ``prediction_type="v_prediction"`` (this also selects the published 768-v config: sample_size 96,
+``upcast_attention=True``). Diffusers folders carry it in ``scheduler/scheduler_config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ldm
+from .architecture import clip_text_prefix, text_shapes, unet_shapes, vae_shapes
+from .errors import CheckpointError, check_state_dict
+from .files import TORCH_SUFFIXES, read_json, read_weights
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "Checkpoint",
+    "family_defaults",
+    "load_checkpoint",
+    "published_configs",
+]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+CONFIG_SECTIONS = ("unet", "vae", "text_encoder", "scheduler")
+DEFAULT_VAE_SCALING = 0.18215
+# The pad token of each family's tokenizer (SD1: CLIP's end-of-text; SD2: OpenCLIP pads with "!").
+PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}
+_TEXT_CONFIG_DROP = {"architectures", "transformers_version", "torch_dtype", "dtype"}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded Stable Diffusion 1.x/2.x checkpoint in diffusers/transformers vocabulary."""
+
+    family: str  # "sd1" | "sd2"
+    inpainting: bool  # UNet in_channels == 9
+    unet_config: dict[str, Any]  # diffusers UNet2DConditionModel config
+    vae_config: dict[str, Any]  # diffusers AutoencoderKL config (scaling_factor included)
+    text_config: dict[str, Any]  # transformers CLIPTextConfig dict
+    scheduler_config: dict[str, Any]  # diffusers scheduler config (prediction_type set)
+    tokenizer_dir: Path | None  # the checkpoint's tokenizer/ folder; None -> bundled vocabulary
+    unet: dict[str, Tensor]
+    vae: dict[str, Tensor]
+    text_encoder: dict[str, Tensor]
+    source: Path
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config["prediction_type"])
+
+    @property
+    def pad_token(self) -> str:
+        """The pad token to use with the bundled vocabulary when ``tokenizer_dir`` is None."""
+        return PAD_TOKEN[self.family]
+
+
+@functools.cache
+def _published() -> dict[str, Any]:
+    text = resources.files("sdexport").joinpath("data/model_configs.json").read_text(encoding="utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def published_configs(name: str) -> dict[str, Any]:
+    """A deep copy of one entry of ``sdexport/data/model_configs.json`` (``sd15``, ``sd21_base``, ...)."""
+    data = _published()
+    if name not in data or name.startswith("_"):
+        raise KeyError(
+            f"no published config {name!r}; known: {sorted(k for k in data if not k.startswith('_'))}"
+        )
+    entry: dict[str, Any] = copy.deepcopy(data[name])
+    return entry
+
+
+def family_defaults(family: str, prediction_type: str) -> dict[str, Any]:
+    """The published configs a single file of ``family`` starts from (before shape inference)."""
+    if family == "sd1":
+        return published_configs("sd15")
+    if family == "sd2":
+        return published_configs("sd21_768_v" if prediction_type == "v_prediction" else "sd21_base")
+    raise CheckpointError(f"unknown model family {family!r}")
+
+
+def _check_prediction_type(value: str | None) -> None:
+    if value is not None and value not in PREDICTION_TYPES:
+        raise CheckpointError(f"prediction_type must be one of {PREDICTION_TYPES}, got {value!r}")
+
+
+def _check_overrides(configs: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    if configs is None:
+        return {}
+    odd = sorted(set(configs) - set(CONFIG_SECTIONS))
+    if odd:
+        raise CheckpointError(f"configs: unknown sections {odd}; expected some of {list(CONFIG_SECTIONS)}")
+    return {k: dict(v) for k, v in configs.items()}
+
+
+def _cast(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    prediction_type: str | None = None,
+    dtype: torch.dtype | None = None,
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
+    variant: str | None = None,
+) -> Checkpoint:
+    """Load a Stable Diffusion 1.x/2.x checkpoint (diffusers folder or LDM single file).
+
+    - ``path``: a diffusers folder (``model_index.json``), or a ``.safetensors`` / ``.ckpt`` (also
+      ``.pt``/``.pth``) single file with the original LDM key names.
+    - ``prediction_type``: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; overrides the folder's
+      scheduler config; for single files the default is ``"epsilon"`` (SD 2.x 768 px checkpoints need
+      ``"v_prediction"``).
+    - ``dtype``: cast floating-point tensors (default: keep the stored dtype).
+    - ``configs``: ``{"unet"|"vae"|"text_encoder"|"scheduler": {...}}`` merged over the loaded or inferred
+      configs, e.g. head counts of models that do not follow the published rule.
+    - ``variant``: diffusers weight variant (``"fp16"`` reads ``*.fp16.safetensors``). Without it the
+      regular file is preferred and the fp16 variant used when the regular one is absent.
+
+    Every converted state dict is checked against the key/shape table computed from its config; any
+    problem raises :class:`CheckpointError` naming the file and listing the keys.
+    """
+    _check_prediction_type(prediction_type)
+    overrides = _check_overrides(configs)
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"{root}: no such file or directory")
+    if root.is_dir():
+        ckpt = _load_diffusers(root, prediction_type, overrides, variant)
+    else:
+        if variant is not None:
+            raise CheckpointError(f"{root}: variant={variant!r} only applies to diffusers folders")
+        ckpt = _load_single_file(root, prediction_type, overrides)
+    if dtype is None:
+        return ckpt
+    return Checkpoint(
+        family=ckpt.family,
+        inpainting=ckpt.inpainting,
+        unet_config=ckpt.unet_config,
+        vae_config=ckpt.vae_config,
+        text_config=ckpt.text_config,
+        scheduler_config=ckpt.scheduler_config,
+        tokenizer_dir=ckpt.tokenizer_dir,
+        unet=_cast(ckpt.unet, dtype),
+        vae=_cast(ckpt.vae, dtype),
+        text_encoder=_cast(ckpt.text_encoder, dtype),
+        source=ckpt.source,
+    )
+
+
+# --------------------------------------------------------------------------- single files
+
+
+def _attempt(errors: list[str], step: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Run one conversion/check step; a :class:`CheckpointError` is collected instead of raised."""
+    try:
+        return step()
+    except CheckpointError as exc:
+        errors.append(str(exc))
+        return {}
+
+
+def _raise_collected(errors: list[str]) -> None:
+    if len(errors) == 1:
+        raise CheckpointError(errors[0])
+    if errors:
+        raise CheckpointError(f"{len(errors)} components do not load:\n" + "\n".join(errors))
+
+
+def _check_conditioning(unet_config: Mapping[str, Any], text_config: Mapping[str, Any], name: str) -> None:
+    cross, hidden = unet_config.get("cross_attention_dim"), text_config.get("hidden_size")
+    if cross != hidden:
+        raise CheckpointError(
+            f"{name}: the UNet's cross_attention_dim ({cross}) differs from the text encoder's hidden_size "
+            f"({hidden}); the components do not belong together"
+        )
+
+
+def _checked(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], what: str) -> dict[str, Tensor]:
+    check_state_dict(state, expected, what)
+    return state
+
+
+def _single_file_keep(key: str) -> bool:
+    return key.startswith(
+        (ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.SD1_TEXT_PREFIX, ldm.SD2_TEXT_PREFIX)
+    ) and not key.startswith(ldm.VAE_PREFIX + "loss.")  # training-time discriminator / logvar
+
+
+def _load_single_file(
+    path: Path, prediction_type: str | None, overrides: dict[str, dict[str, Any]]
+) -> Checkpoint:
+    suffix = path.suffix.lower()
+    if suffix != ".safetensors" and suffix not in TORCH_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected a .safetensors or .ckpt "
+            "single-file checkpoint, or a diffusers folder (with model_index.json)"
+        )
+    return _from_ldm_state(read_weights(path, _single_file_keep), path, prediction_type, overrides)
+
+
+def _from_ldm_state(
+    state: dict[str, Tensor], path: Path, prediction_type: str | None, overrides: dict[str, dict[str, Any]]
+) -> Checkpoint:
+    """Recognise, configure and convert an LDM state dict (works on meta tensors too)."""
+    family = ldm.detect_family(state, str(path))
+    pred = prediction_type or "epsilon"
+    defaults = family_defaults(family, pred)
+
+    unet_config: dict[str, Any] = defaults["unet"]
+    unet_config.update(ldm.infer_unet_config(state, str(path)))
+    if family == "sd2":
+        # SD 2.x: 64-channel heads (published: [5, 10, 20, 20]).
+        unet_config["attention_head_dim"] = [max(1, c // 64) for c in unet_config["block_out_channels"]]
+    unet_config.update(overrides.get("unet", {}))
+
+    vae_config: dict[str, Any] = defaults["vae"]
+    vae_config.update(ldm.infer_vae_config(state, str(path)))
+    vae_config.update(overrides.get("vae", {}))
+
+    text_config: dict[str, Any] = defaults["text_encoder"]
+    text_config.update(ldm.infer_text_config(state, family, str(path)))
+    text_config["num_attention_heads"] = max(1, text_config["hidden_size"] // 64)
+    text_config.update(overrides.get("text_encoder", {}))
+
+    scheduler_config: dict[str, Any] = defaults["scheduler"]
+    scheduler_config.update(overrides.get("scheduler", {}))
+    scheduler_config["prediction_type"] = pred
+
+    name = str(path)
+    _check_conditioning(unet_config, text_config, str(path))
+    errors: list[str] = []
+    unet = _attempt(
+        errors,
+        lambda: ldm.convert(
+            state, ldm.unet_key_map(unet_config), unet_shapes(unet_config), ldm.UNET_PREFIX, f"{name}: UNet"
+        ),
+    )
+    vae = _attempt(
+        errors,
+        lambda: ldm.convert(
+            state, ldm.vae_key_map(vae_config), vae_shapes(vae_config), ldm.VAE_PREFIX, f"{name}: VAE"
+        ),
+    )
+    text = _attempt(errors, lambda: ldm.convert_text(state, text_config, family, f"{name}: text encoder"))
+    _raise_collected(errors)
+    return Checkpoint(
+        family=family,
+        inpainting=int(unet_config["in_channels"]) == 9,
+        unet_config=unet_config,
+        vae_config=vae_config,
+        text_config=text_config,
+        scheduler_config=scheduler_config,
+        tokenizer_dir=None,
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        source=path,
+    )
+
+
+# --------------------------------------------------------------------------- diffusers folders
+
+
+def _weight_candidates(base: str, bin_base: str, variant: str | None) -> list[str]:
+    def names(tag: str) -> list[str]:
+        return [
+            f"{base}{tag}.safetensors",
+            f"{base}.safetensors.index{tag}.json",
+            f"{bin_base}{tag}.bin",
+            f"{bin_base}.bin.index{tag}.json",
+        ]
+
+    if variant is not None:
+        return names(f".{variant}")
+    return names("") + names(".fp16")
+
+
+def _read_component_weights(folder: Path, base: str, bin_base: str, variant: str | None) -> dict[str, Tensor]:
+    candidates = _weight_candidates(base, bin_base, variant)
+    for name in candidates:
+        file = folder / name
+        if not file.is_file():
+            continue
+        if not name.endswith(".json"):
+            return read_weights(file)
+        index = read_json(file)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{file}: sharded-weights index without a 'weight_map'")
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / str(shard)
+            if not shard_path.is_file():
+                raise CheckpointError(f"{file}: shard {shard} is missing")
+            state.update(read_weights(shard_path))
+        absent = sorted(set(weight_map) - set(state))
+        if absent:
+            raise CheckpointError(f"{file}: the shards lack {len(absent)} indexed tensors, e.g. {absent[:3]}")
+        return state
+    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(candidates)})")
+
+
+def _component(root: Path, name: str) -> Path:
+    folder = root / name
+    if not folder.is_dir():
+        raise CheckpointError(f"{root}: missing component folder '{name}/'")
+    return folder
+
+
+def _diffusers_config(folder: Path) -> dict[str, Any]:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: missing config.json")
+    config = read_json(file)
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _normalise_text_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers 4.x (``text_model.*``) or 5.x (bare) names -> the installed version's names."""
+    prefix = clip_text_prefix()
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        bare = key.removeprefix("text_model.")
+        if bare == "embeddings.position_ids":
+            continue  # a buffer older transformers versions saved
+        out[prefix + bare] = value
+    return out
+
+
+def _decide_family(unet_config: Mapping[str, Any], text_config: Mapping[str, Any]) -> str:
+    cross = unet_config.get("cross_attention_dim")
+    if cross == 768:
+        return "sd1"
+    if cross == 1024:
+        return "sd2"
+    # Non-published sizes (tiny test models): SD2 uses linear projections and GELU in OpenCLIP.
+    if unet_config.get("use_linear_projection") or text_config.get("hidden_act") == "gelu":
+        return "sd2"
+    return "sd1"
+
+
+def _load_diffusers(
+    root: Path, prediction_type: str | None, overrides: dict[str, dict[str, Any]], variant: str | None
+) -> Checkpoint:
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(f"{root}: not a diffusers folder (no model_index.json)")
+    index = read_json(index_path)
+    if "text_encoder_2" in index or ("unet" not in index and "transformer" in index):
+        raise CheckpointError(f"{root}: only Stable Diffusion 1.x/2.x pipelines are supported (not SDXL/DiT)")
+
+    unet_dir, vae_dir, text_dir = (_component(root, n) for n in ("unet", "vae", "text_encoder"))
+    unet_config = _diffusers_config(unet_dir)
+    unet_config.update(overrides.get("unet", {}))
+    vae_config = _diffusers_config(vae_dir)
+    vae_config.setdefault("scaling_factor", DEFAULT_VAE_SCALING)
+    vae_config.update(overrides.get("vae", {}))
+    text_config = {k: v for k, v in _diffusers_config(text_dir).items() if k not in _TEXT_CONFIG_DROP}
+    text_config.update(overrides.get("text_encoder", {}))
+    family = _decide_family(unet_config, text_config)
+
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    if scheduler_file.exists():
+        scheduler_config = {k: v for k, v in read_json(scheduler_file).items() if not k.startswith("_")}
+    else:
+        scheduler_config = family_defaults(family, prediction_type or "epsilon")["scheduler"]
+    scheduler_config.update(overrides.get("scheduler", {}))
+    pred = prediction_type or scheduler_config.get("prediction_type") or "epsilon"
+    _check_prediction_type(pred)
+    scheduler_config["prediction_type"] = pred
+
+    _check_conditioning(unet_config, text_config, str(root))
+    errors: list[str] = []
+    base = "diffusion_pytorch_model"
+    unet = _read_component_weights(unet_dir, base, base, variant)
+    vae = _read_component_weights(vae_dir, base, base, variant)
+    text = _normalise_text_keys(_read_component_weights(text_dir, "model", "pytorch_model", variant))
+    # Config problems (unsupported options) and weight mismatches of all three components in one error.
+    _attempt(errors, lambda: _checked(unet, unet_shapes(unet_config), f"{unet_dir}: UNet"))
+    _attempt(errors, lambda: _checked(vae, vae_shapes(vae_config), f"{vae_dir}: VAE"))
+    _attempt(errors, lambda: _checked(text, text_shapes(text_config), f"{text_dir}: text encoder"))
+    _raise_collected(errors)
+
+    tokenizer = root / "tokenizer"
+    return Checkpoint(
+        family=family,
+        inpainting=int(unet_config.get("in_channels", 4)) == 9,
+        unet_config=unet_config,
+        vae_config=vae_config,
+        text_config=text_config,
+        scheduler_config=scheduler_config,
+        tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        source=root,
+    )

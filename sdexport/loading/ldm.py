@@ -1,0 +1,415 @@
+"""Original LDM / CompVis single-file checkpoints: architecture inference and the key mapping.
+
+The mapping is one explicit table per component, built from the config: ``{diffusers_key: ldm_key}``
+(:func:`unet_key_map`, :func:`vae_key_map`, :func:`text_key_map`). Every expected diffusers/transformers
+parameter (see :mod:`.architecture`) gets exactly one source key, so converting is a lookup and anything
+left over or absent is reported. Layout facts (block numbering, ResBlock layer indices, OpenCLIP's fused
+``in_proj``) follow the original CompVis / Stability AI model code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from .architecture import Shapes, clip_text_prefix, text_shapes, unet_shapes, vae_shapes
+from .errors import CheckpointError, format_shape, raise_problems
+
+__all__ = [
+    "SD1_TEXT_PREFIX",
+    "SD2_TEXT_PREFIX",
+    "UNET_PREFIX",
+    "VAE_PREFIX",
+    "Source",
+    "convert",
+    "detect_family",
+    "infer_text_config",
+    "infer_unet_config",
+    "infer_vae_config",
+    "text_key_map",
+    "unet_key_map",
+    "vae_key_map",
+]
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one diffusers key comes from: an LDM key, optionally one third of a fused q/k/v tensor."""
+
+    key: str
+    chunk: int | None = None  # 0/1/2: q/k/v rows of an OpenCLIP ``in_proj`` tensor
+
+
+# Sub-module renames inside one mapped module: diffusers name -> LDM name.
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}  # norm1/conv1/norm2/conv2 keep their names
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_SAME: dict[str, str] = {}  # transformer blocks, convs: identical names below the module
+
+ModuleMap = dict[str, tuple[str, dict[str, str]]]
+
+
+def _levels(config: Mapping[str, Any]) -> tuple[int, list[int]]:
+    levels = len(config["block_out_channels"])
+    lpb = config.get("layers_per_block", 2)
+    return levels, list(lpb) if isinstance(lpb, list | tuple) else [int(lpb)] * levels
+
+
+def _unet_modules(config: Mapping[str, Any]) -> ModuleMap:
+    levels, lpb = _levels(config)
+    up_types = list(config["up_block_types"])
+    m: ModuleMap = {
+        "conv_in.": ("input_blocks.0.0.", _SAME),
+        "time_embedding.linear_1.": ("time_embed.0.", _SAME),
+        "time_embedding.linear_2.": ("time_embed.2.", _SAME),
+        "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET),
+        "mid_block.attentions.0.": ("middle_block.1.", _SAME),
+        "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
+        "conv_norm_out.": ("out.0.", _SAME),
+        "conv_out.": ("out.2.", _SAME),
+    }
+    idx = 1  # input_blocks.0 is conv_in
+    for i in range(levels):
+        for j in range(lpb[i]):
+            m[f"down_blocks.{i}.resnets.{j}."] = (f"input_blocks.{idx}.0.", _UNET_RESNET)
+            m[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{idx}.1.", _SAME)
+            idx += 1
+        if i < levels - 1:
+            m[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{idx}.0.op.", _SAME)
+            idx += 1
+    idx = 0
+    for i in range(levels):
+        n = lpb[levels - 1 - i] + 1
+        for j in range(n):
+            m[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{idx}.0.", _UNET_RESNET)
+            m[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{idx}.1.", _SAME)
+            if j == n - 1 and i < levels - 1:
+                # The upsampler follows the ResBlock (and the SpatialTransformer, when there is one).
+                pos = 2 if up_types[i] == "CrossAttnUpBlock2D" else 1
+                m[f"up_blocks.{i}.upsamplers.0.conv."] = (f"output_blocks.{idx}.{pos}.conv.", _SAME)
+            idx += 1
+    return m
+
+
+def _vae_modules(config: Mapping[str, Any]) -> ModuleMap:
+    levels = len(config["block_out_channels"])
+    lpb = int(config.get("layers_per_block", 1))
+    m: ModuleMap = {
+        "quant_conv.": ("quant_conv.", _SAME),
+        "post_quant_conv.": ("post_quant_conv.", _SAME),
+    }
+    for part in ("encoder", "decoder"):
+        m[f"{part}.conv_in."] = (f"{part}.conv_in.", _SAME)
+        m[f"{part}.conv_out."] = (f"{part}.conv_out.", _SAME)
+        m[f"{part}.conv_norm_out."] = (f"{part}.norm_out.", _SAME)
+        m[f"{part}.mid_block.resnets.0."] = (f"{part}.mid.block_1.", _VAE_RESNET)
+        m[f"{part}.mid_block.attentions.0."] = (f"{part}.mid.attn_1.", _VAE_ATTENTION)
+        m[f"{part}.mid_block.resnets.1."] = (f"{part}.mid.block_2.", _VAE_RESNET)
+    for i in range(levels):
+        for j in range(lpb):
+            m[f"encoder.down_blocks.{i}.resnets.{j}."] = (f"encoder.down.{i}.block.{j}.", _VAE_RESNET)
+        m[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = (f"encoder.down.{i}.downsample.conv.", _SAME)
+        # The LDM decoder numbers its levels from the lowest resolution up; diffusers from the top.
+        ldm = levels - 1 - i
+        for j in range(lpb + 1):
+            m[f"decoder.up_blocks.{i}.resnets.{j}."] = (f"decoder.up.{ldm}.block.{j}.", _VAE_RESNET)
+        m[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = (f"decoder.up.{ldm}.upsample.conv.", _SAME)
+    return m
+
+
+def _apply(modules: ModuleMap, keys: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, Source]:
+    out: dict[str, Source] = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(len(parts) - 1, 0, -1):
+            module = ".".join(parts[:n]) + "."
+            if module in modules:
+                break
+        else:
+            raise AssertionError(f"no LDM mapping rule for {key}")  # a bug in the tables, not the file
+        ldm_module, renames = modules[module]
+        rest = key[len(module) :]
+        for new, old in renames.items():
+            if rest.startswith(new + "."):
+                rest = old + rest[len(new) :]
+                break
+        out[key] = Source(prefix + ldm_module + rest)
+    return out
+
+
+def unet_key_map(config: Mapping[str, Any]) -> dict[str, Source]:
+    """``{diffusers UNet key: LDM key}`` for every parameter of the configured UNet."""
+    return _apply(_unet_modules(config), unet_shapes(config), UNET_PREFIX)
+
+
+def vae_key_map(config: Mapping[str, Any]) -> dict[str, Source]:
+    """``{diffusers AutoencoderKL key: LDM key}`` for every parameter of the configured VAE."""
+    return _apply(_vae_modules(config), vae_shapes(config), VAE_PREFIX)
+
+
+_OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def text_key_map(config: Mapping[str, Any], family: str, *, legacy_sd1: bool = False) -> dict[str, Source]:
+    """``{CLIPTextModel key: LDM key}``.
+
+    SD1 stores a Hugging Face CLIP text model under ``cond_stage_model.transformer.text_model.``
+    (``legacy_sd1``: very old files without the ``text_model.`` level). SD2 stores OpenCLIP under
+    ``cond_stage_model.model.``: renamed modules, ``positional_embedding`` as a bare tensor, and q/k/v fused
+    in ``attn.in_proj_weight``/``in_proj_bias`` (rows q, k, v). Only the first ``num_hidden_layers`` of
+    OpenCLIP's resblocks are used (SD2 conditions on the penultimate layer, then the final layer norm).
+    """
+    prefix = clip_text_prefix()
+    out: dict[str, Source] = {}
+    for key in text_shapes(config):
+        bare = key[len(prefix) :]
+        if family == "sd1":
+            out[key] = Source(SD1_TEXT_PREFIX + ("" if legacy_sd1 else "text_model.") + bare)
+            continue
+        if bare == "embeddings.token_embedding.weight":
+            out[key] = Source(SD2_TEXT_PREFIX + "token_embedding.weight")
+        elif bare == "embeddings.position_embedding.weight":
+            out[key] = Source(SD2_TEXT_PREFIX + "positional_embedding")
+        elif bare.startswith("final_layer_norm."):
+            out[key] = Source(SD2_TEXT_PREFIX + "ln_final." + bare.split(".")[-1])
+        else:
+            match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", bare)
+            if match is None:
+                raise AssertionError(f"no OpenCLIP mapping rule for {key}")
+            layer, module, leaf = match.groups()
+            block = f"{SD2_TEXT_PREFIX}transformer.resblocks.{layer}."
+            qkv = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
+            if module in qkv:
+                out[key] = Source(f"{block}attn.in_proj_{leaf}", qkv[module])
+            else:
+                out[key] = Source(f"{block}{_OPENCLIP_LAYER[module]}.{leaf}")
+    return out
+
+
+def _ignorable_text_keys(state: Mapping[str, Tensor], family: str, layers: int) -> set[str]:
+    """Source keys of the text encoder that are known and deliberately unused."""
+    if family == "sd1":
+        return {k for k in state if k.startswith(SD1_TEXT_PREFIX) and k.endswith("embeddings.position_ids")}
+    ignored = {SD2_TEXT_PREFIX + n for n in ("text_projection", "logit_scale", "attn_mask")}
+    pattern = re.compile(re.escape(SD2_TEXT_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
+    for k in state:
+        match = pattern.match(k)
+        if match is not None and int(match.group(1)) >= layers:
+            ignored.add(k)  # the layers after the one SD2 conditions on
+    return ignored & set(state)
+
+
+def convert(
+    state: Mapping[str, Tensor],
+    key_map: Mapping[str, Source],
+    expected: Shapes,
+    prefix: str,
+    what: str,
+    *,
+    ignore: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, Tensor]:
+    """Pick, split and reshape the source tensors named by ``key_map``; every problem in one error.
+
+    All source keys under ``prefix`` must be consumed (or listed in ``ignore``). A ``(C, C, 1, 1)`` 1x1
+    convolution kernel becomes the ``(C, C)`` linear weight where the target is linear (the LDM VAE
+    attention's q/k/v/proj_out; SD1 UNet proj_in/out stay convolutions in both layouts).
+    """
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    mismatched: set[str] = set()
+    for key, src in key_map.items():
+        if src.key not in state:
+            missing.append(f"{src.key} (for {key})")
+            continue
+        used.add(src.key)
+        stored = state[src.key]
+        tensor = stored
+        if src.chunk is not None:
+            if stored.ndim == 0 or stored.shape[0] % 3:
+                mismatched.add(
+                    f"{src.key}: checkpoint {format_shape(stored.shape)} is not a fused q/k/v tensor"
+                )
+                continue
+            tensor = stored.chunk(3, dim=0)[src.chunk]
+        want = expected[key]
+        if len(want) == 2 and tensor.ndim == 4 and tuple(tensor.shape[2:]) == (1, 1):
+            tensor = tensor[:, :, 0, 0]
+        if tuple(tensor.shape) != want:
+            part = "" if src.chunk is None else f" ({'qkv'[src.chunk]} rows)"
+            mismatched.add(
+                f"{src.key}{part} -> {key}: checkpoint {format_shape(stored.shape)}, "
+                f"expected {format_shape(want)}"
+            )
+            continue
+        out[key] = tensor
+    unexpected = sorted(k for k in state if k.startswith(prefix) and k not in used and k not in ignore)
+    raise_problems(what, sorted(missing), unexpected, sorted(mismatched))
+    return out
+
+
+def convert_text(
+    state: Mapping[str, Tensor], config: Mapping[str, Any], family: str, what: str
+) -> dict[str, Tensor]:
+    """The text encoder of an LDM checkpoint in ``CLIPTextModel`` naming (see :func:`text_key_map`)."""
+    legacy = (
+        family == "sd1" and (SD1_TEXT_PREFIX + "text_model.embeddings.token_embedding.weight") not in state
+    )
+    key_map = text_key_map(config, family, legacy_sd1=legacy)
+    prefix = SD1_TEXT_PREFIX if family == "sd1" else SD2_TEXT_PREFIX
+    ignore = _ignorable_text_keys(state, family, int(config["num_hidden_layers"]))
+    return convert(state, key_map, text_shapes(config), prefix, what, ignore=ignore)
+
+
+# --------------------------------------------------------------------------- architecture inference
+
+
+def detect_family(state: Mapping[str, Tensor], name: str) -> str:
+    """``"sd1"`` (HF CLIP text encoder) or ``"sd2"`` (OpenCLIP), from the key names."""
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        raise CheckpointError(
+            f"{name}: not a Stable Diffusion LDM checkpoint: no '{UNET_PREFIX}*' keys "
+            f"({len(state)} tensors read)"
+        )
+    if UNET_PREFIX + "label_emb.0.0.weight" in state:
+        raise CheckpointError(f"{name}: SDXL / class-conditioned UNets (label_emb) are not supported")
+    if any(k.startswith(SD2_TEXT_PREFIX) for k in state):
+        return "sd2"
+    if any(k.startswith(SD1_TEXT_PREFIX) for k in state):
+        return "sd1"
+    raise CheckpointError(
+        f"{name}: no text encoder found (neither '{SD1_TEXT_PREFIX}*' nor '{SD2_TEXT_PREFIX}*' keys)"
+    )
+
+
+def _need(state: Mapping[str, Tensor], key: str, name: str) -> Tensor:
+    if key not in state:
+        raise CheckpointError(f"{name}: cannot infer the architecture: missing key {key}")
+    return state[key]
+
+
+def _indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
+    regex = re.compile(pattern)
+    found = {int(m.group(1)) for k in state if (m := regex.match(k)) is not None}
+    return sorted(found)
+
+
+def infer_unet_config(state: Mapping[str, Tensor], name: str) -> dict[str, Any]:
+    """The UNet's shape-determined config fields from LDM key shapes (heads/norms come from defaults)."""
+    p = re.escape(UNET_PREFIX)
+    conv_in = _need(state, UNET_PREFIX + "input_blocks.0.0.weight", name)
+    conv_out = _need(state, UNET_PREFIX + "out.2.weight", name)
+    n_in = len(_indices(state, p + r"input_blocks\.(\d+)\."))
+    n_out = len(_indices(state, p + r"output_blocks\.(\d+)\."))
+    downs = _indices(state, p + r"input_blocks\.(\d+)\.0\.op\.weight")
+    lpb = downs[0] - 1 if downs else n_in - 1
+    levels = n_out // (lpb + 1) if lpb > 0 else 0
+    if lpb <= 0 or n_in != levels * (lpb + 1) or n_out != levels * (lpb + 1) or len(downs) != levels - 1:
+        raise CheckpointError(
+            f"{name}: unrecognised UNet layout ({n_in} input blocks, {n_out} output blocks, "
+            f"downsamplers at {downs})"
+        )
+    boc: list[int] = []
+    down_types: list[str] = []
+    up_types: list[str] = []
+    for b in range(levels):
+        first = 1 + b * (lpb + 1)
+        boc.append(
+            int(_need(state, f"{UNET_PREFIX}input_blocks.{first}.0.out_layers.3.weight", name).shape[0])
+        )
+        has_attn = f"{UNET_PREFIX}input_blocks.{first}.1.proj_in.weight" in state
+        down_types.append("CrossAttnDownBlock2D" if has_attn else "DownBlock2D")
+        has_attn = f"{UNET_PREFIX}output_blocks.{b * (lpb + 1)}.1.proj_in.weight" in state
+        up_types.append("CrossAttnUpBlock2D" if has_attn else "UpBlock2D")
+    proj_in = _need(state, UNET_PREFIX + "middle_block.1.proj_in.weight", name)
+    to_k = _need(state, UNET_PREFIX + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", name)
+    depth = len(_indices(state, p + r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    config: dict[str, Any] = {
+        "in_channels": int(conv_in.shape[1]),
+        "out_channels": int(conv_out.shape[0]),
+        "block_out_channels": boc,
+        "layers_per_block": lpb,
+        "down_block_types": down_types,
+        "up_block_types": up_types,
+        "cross_attention_dim": int(to_k.shape[1]),
+        "use_linear_projection": proj_in.ndim == 2,
+    }
+    if depth != 1:
+        config["transformer_layers_per_block"] = depth
+    return config
+
+
+def infer_vae_config(state: Mapping[str, Tensor], name: str) -> dict[str, Any]:
+    """The VAE's shape-determined config fields from LDM key shapes."""
+    p = re.escape(VAE_PREFIX)
+    levels = len(_indices(state, p + r"encoder\.down\.(\d+)\."))
+    lpb = len(_indices(state, p + r"encoder\.down\.0\.block\.(\d+)\."))
+    if levels == 0 or lpb == 0:
+        raise CheckpointError(f"{name}: no VAE found (no '{VAE_PREFIX}encoder.down.*' keys)")
+    boc = [
+        int(_need(state, f"{VAE_PREFIX}encoder.down.{i}.block.0.conv1.weight", name).shape[0])
+        for i in range(levels)
+    ]
+    return {
+        "in_channels": int(_need(state, VAE_PREFIX + "encoder.conv_in.weight", name).shape[1]),
+        "out_channels": int(_need(state, VAE_PREFIX + "decoder.conv_out.weight", name).shape[0]),
+        "latent_channels": int(_need(state, VAE_PREFIX + "decoder.conv_in.weight", name).shape[1]),
+        "block_out_channels": boc,
+        "layers_per_block": lpb,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+    }
+
+
+def infer_text_config(state: Mapping[str, Tensor], family: str, name: str) -> dict[str, Any]:
+    """The text encoder's shape-determined ``CLIPTextConfig`` fields from LDM key shapes.
+
+    For SD2 the layer count is one less than OpenCLIP's resblocks (the penultimate-layer convention).
+    """
+    if family == "sd1":
+        root = SD1_TEXT_PREFIX + "text_model."
+        if root + "embeddings.token_embedding.weight" not in state:
+            root = SD1_TEXT_PREFIX
+        token = _need(state, root + "embeddings.token_embedding.weight", name)
+        pos = _need(state, root + "embeddings.position_embedding.weight", name)
+        fc1 = _need(state, root + "encoder.layers.0.mlp.fc1.weight", name)
+        layers = len(_indices(state, re.escape(root) + r"encoder\.layers\.(\d+)\."))
+    else:
+        token = _need(state, SD2_TEXT_PREFIX + "token_embedding.weight", name)
+        pos = _need(state, SD2_TEXT_PREFIX + "positional_embedding", name)
+        fc1 = _need(state, SD2_TEXT_PREFIX + "transformer.resblocks.0.mlp.c_fc.weight", name)
+        blocks = len(_indices(state, re.escape(SD2_TEXT_PREFIX) + r"transformer\.resblocks\.(\d+)\."))
+        layers = blocks - 1
+        if layers < 1:
+            raise CheckpointError(
+                f"{name}: OpenCLIP text encoder with {blocks} resblocks; SD2 needs at least 2"
+            )
+    return {
+        "vocab_size": int(token.shape[0]),
+        "hidden_size": int(token.shape[1]),
+        "max_position_embeddings": int(pos.shape[0]),
+        "intermediate_size": int(fc1.shape[0]),
+        "num_hidden_layers": layers,
+    }

@@ -1,0 +1,268 @@
+"""Artifacts: every format runs in a fresh process that cannot import sdexport, transformers or
+diffusers, and matches the eager pipeline (float32 images, <= 1e-3 max abs); bad artifacts fail clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import runtime
+from runtime.manifest import ArtifactError
+from sdexport import StableDiffusion
+from sdexport.export.build import BuildOptions, build
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-3
+OPTIONS = dict(max_batch=2, min_size=64, max_size=128, max_chunks=2)
+
+# The child process: block the model-code packages, load the artifact, run the standard jobs.
+CHILD = r"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sdexport", "transformers", "diffusers"):
+            raise ImportError(f"{name} is blocked in the runtime test")
+        return None
+sys.meta_path.insert(0, Block())
+import torch, runtime
+art, out = sys.argv[1], sys.argv[2]
+jobs = torch.load(sys.argv[3], weights_only=True)
+pipe = runtime.load(art)
+res = {}
+res["t2i_64_b1"] = pipe.text2img("a (red):1.3 fox", "blurry", steps=3, height=64, width=64,
+                                 latents=jobs["lat1"], output="tensor")
+res["t2i_128x64_b2"] = pipe.text2img(["a fox", "a cat"], steps=3, height=128, width=64, batch_size=2,
+                                     latents=jobs["lat2"], scheduler="euler", output="tensor")
+res["i2i"] = pipe.img2img(jobs["image"], "a watercolor", strength=0.6, steps=4, seed=5, output="tensor")
+res["inpaint"] = pipe.inpaint(jobs["image"], jobs["mask"], "a door", steps=3, seed=9, output="tensor")
+assert "sdexport" not in sys.modules and "transformers" not in sys.modules
+torch.save(res, out)
+"""
+
+
+def _jobs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 8:40] = 1
+    return {"lat1": torch.randn(1, 4, 8, 8, generator=g), "lat2": torch.randn(2, 4, 16, 8, generator=g),
+            "image": torch.rand(1, 3, 64, 64, generator=g), "mask": mask}
+
+
+def _eager(sd: StableDiffusion, jobs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {
+        "t2i_64_b1": sd.text2img("a (red):1.3 fox", "blurry", steps=3, height=64, width=64,
+                                 latents=jobs["lat1"], output="tensor"),
+        "t2i_128x64_b2": sd.text2img(["a fox", "a cat"], steps=3, height=128, width=64, batch_size=2,
+                                     latents=jobs["lat2"], scheduler="euler", output="tensor"),
+        "i2i": sd.img2img(jobs["image"], "a watercolor", strength=0.6, steps=4, seed=5, output="tensor"),
+        "inpaint": sd.inpaint(jobs["image"], jobs["mask"], "a door", steps=3, seed=9, output="tensor"),
+    }
+
+
+def _run_child(art: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    torch.save(_jobs(), tmp / "jobs.pt")
+    script = tmp / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), str(art), str(tmp / "out.pt"), str(tmp / "jobs.pt")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out: dict[str, torch.Tensor] = torch.load(tmp / "out.pt", weights_only=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd(sd1_folder: Path) -> StableDiffusion:
+    return StableDiffusion.from_pretrained(sd1_folder)
+
+
+@pytest.fixture(scope="module")
+def eager(sd: StableDiffusion) -> dict[str, Any]:
+    sd.attention_backend("sdpa")
+    return _eager(sd, _jobs())
+
+
+def _kernels() -> str:
+    from runtime import ops
+
+    return "fused" if ops.available() else "native"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript", "onnx", "aoti"])
+def test_artifact_matches_eager_in_fresh_process(fmt: str, sd: StableDiffusion, eager: dict[str, Any],
+                                                 artifacts: Path, tmp_path: Path) -> None:
+    kernels = _kernels()
+    art = artifacts / fmt
+    build(sd, art, BuildOptions(format=fmt, kernels=kernels, **OPTIONS))  # type: ignore[arg-type]
+    sd.attention_backend("sdpa")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["format"] == fmt and manifest["kernels"] == kernels
+    assert set(manifest["files"]) >= {"tokenizer.json"}
+    out = _run_child(art, tmp_path)
+    for key, ref in eager.items():
+        assert out[key].shape == ref.shape, key
+        err = (out[key] - ref).abs().max().item()
+        assert err <= TOL, f"{fmt} {key}: max abs error {err}"
+
+
+def _small_artifact(sd: StableDiffusion, root: Path) -> Path:
+    art = root / "pt2-small"
+    if not art.exists():
+        build(sd, art, BuildOptions(format="pt2", kernels="native", **OPTIONS))  # type: ignore[arg-type]
+    return art
+
+
+def _copy(art: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(art, dst)
+    return dst
+
+
+def test_weights_are_beside_the_program_and_manifest_hashes_everything(sd: StableDiffusion,
+                                                                      artifacts: Path) -> None:
+    art = _small_artifact(sd, artifacts)
+    m = json.loads((art / "manifest.json").read_text())
+    on_disk = {p.relative_to(art).as_posix() for p in art.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(m["files"]) == on_disk
+    unet = m["modules"]["unet"]
+    assert unet["weights"].endswith(".safetensors")
+    # the program keeps only placeholders: far smaller than its weights
+    assert (art / unet["program"]).stat().st_size < (art / unet["weights"]).stat().st_size
+    assert m["shapes"] == {"max_batch": 2, "min_size": 64, "max_size": 128, "multiple": 64, "max_chunks": 2}
+
+
+def test_corrupt_truncated_and_tampered_files_are_rejected(sd: StableDiffusion, artifacts: Path,
+                                                           tmp_path: Path) -> None:
+    art = _small_artifact(sd, artifacts)
+    corrupt = _copy(art, tmp_path / "corrupt")
+    w = corrupt / "unet.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"checksum mismatch in unet.safetensors"):
+        runtime.load(corrupt)
+
+    truncated = _copy(art, tmp_path / "truncated")
+    p = truncated / "vae_decoder.pt2"
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=r"checksum mismatch in vae_decoder.pt2"):
+        runtime.load(truncated)
+
+    missing = _copy(art, tmp_path / "missing")
+    (missing / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match=r"missing file tokenizer.json"):
+        runtime.load(missing)
+
+    bad_manifest = _copy(art, tmp_path / "badmanifest")
+    (bad_manifest / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match=r"manifest.json is not valid JSON"):
+        runtime.load(bad_manifest)
+
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        runtime.load(tmp_path)
+    with pytest.raises(ArtifactError, match="no such artifact directory"):
+        runtime.load(tmp_path / "nope")
+
+
+def _edit_manifest(art: Path, **changes: Any) -> None:
+    m = json.loads((art / "manifest.json").read_text())
+    m.update(changes)
+    (art / "manifest.json").write_text(json.dumps(m))
+
+
+def test_version_and_device_checks(sd: StableDiffusion, artifacts: Path, tmp_path: Path) -> None:
+    art = _small_artifact(sd, artifacts)
+    newer = _copy(art, tmp_path / "newer")
+    _edit_manifest(newer, torch_version="99.0.0")
+    with pytest.raises(ArtifactError, match=r"built with torch 99.0.0, newer than this torch"):
+        runtime.load(newer)
+    old_format = _copy(art, tmp_path / "oldformat")
+    _edit_manifest(old_format, format_version=0)
+    with pytest.raises(ArtifactError, match=r"format version 0 is not supported"):
+        runtime.load(old_format)
+    aoti = _copy(art, tmp_path / "aoti")
+    _edit_manifest(aoti, format="aoti", torch_version="1.0.0")
+    with pytest.raises(ArtifactError, match=r"run only on the torch they were built with \(1.0.0\)"):
+        runtime.load(aoti)
+    if not torch.cuda.is_available():
+        with pytest.raises(ArtifactError, match="CUDA was requested"):
+            runtime.load(art, device="cuda")
+
+
+def test_missing_op_library_is_a_clear_error(sd: StableDiffusion, artifacts: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    art = _copy(_small_artifact(sd, artifacts), tmp_path / "fused")
+    _edit_manifest(art, kernels="fused", op_library_version="1")
+    from runtime import ops
+
+    def broken() -> None:
+        raise ImportError(ops.BUILD_HINT)
+
+    monkeypatch.setattr(ops, "load", broken)
+    with pytest.raises(ArtifactError, match="op library could not be loaded: sdexport op library not built"):
+        runtime.load(art)
+
+
+def test_out_of_range_shapes_are_rejected(sd: StableDiffusion, artifacts: Path) -> None:
+    pipe = runtime.load(_small_artifact(sd, artifacts))
+    with pytest.raises(ValueError, match=r"height 192 px is outside this artifact's range"):
+        pipe.text2img("a fox", steps=1, height=192, width=64)
+    with pytest.raises(ValueError, match=r"width 96 px is outside this artifact's range: multiples of 64"):
+        pipe.text2img("a fox", steps=1, height=64, width=96)
+    with pytest.raises(ValueError, match=r"outside this artifact's range \(max_batch=2"):
+        pipe.text2img("a fox", steps=1, height=64, width=64, batch_size=3)
+    with pytest.raises(ValueError, match="prompt too long for this artifact"):
+        pipe.text2img("a fox, " * 100, steps=1, height=64, width=64)
+
+
+def test_existing_output_is_not_overwritten_without_force(sd: StableDiffusion, artifacts: Path) -> None:
+    art = _small_artifact(sd, artifacts)
+    with pytest.raises(FileExistsError, match="already exists"):
+        build(sd, art, BuildOptions(format="pt2", kernels="native", **OPTIONS))  # type: ignore[arg-type]
+
+
+def test_bad_build_options() -> None:
+    for opts, msg in [
+        (BuildOptions(format="tflite"), "unknown format"),
+        (BuildOptions(min_size=100), "multiple of 64"),
+        (BuildOptions(min_size=512, max_size=256), "exceeds max_size"),
+        (BuildOptions(kernels="magic"), "kernels must be"),
+        (BuildOptions(max_batch=0), "max_batch and max_chunks must be >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            opts.validate()
+
+
+def test_killed_build_leaves_no_artifact(sd1_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    script = (f"from sdexport import StableDiffusion\nfrom sdexport.export.build import build, BuildOptions\n"
+              f"sd = StableDiffusion.from_pretrained({str(sd1_folder)!r})\n"
+              f"build(sd, {str(out)!r}, BuildOptions(format='pt2', kernels='native', min_size=64, max_size=128))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".killed.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    # the next build cleans the stale temporary directory and succeeds
+    sd = StableDiffusion.from_pretrained(sd1_folder)
+    build(sd, out, BuildOptions(format="pt2", kernels="native", **OPTIONS))  # type: ignore[arg-type]
+    assert (out / "manifest.json").exists() and not list(tmp_path.glob(".killed.tmp-*"))
