@@ -1,0 +1,26 @@
+"""Typed SD 1.x / 2.x model code: UNet, VAE and CLIP text encoder with diffusers-compatible names."""
+
+from .config import TextEncoderConfig, UNetConfig, VAEConfig
+from .layers import GEGLU, AttentionOp, Backend, GroupNorm, set_attention_chunks, set_backend
+from .text_encoder import TextEncoder, strip_text_model_prefix
+from .unet import UNet
+from .vae import VAE, VAEDecode, VAEEncode, VAEEncodeMean
+
+__all__ = [
+    "GEGLU",
+    "VAE",
+    "AttentionOp",
+    "Backend",
+    "GroupNorm",
+    "TextEncoder",
+    "TextEncoderConfig",
+    "UNet",
+    "UNetConfig",
+    "VAEConfig",
+    "VAEDecode",
+    "VAEEncode",
+    "VAEEncodeMean",
+    "set_attention_chunks",
+    "set_backend",
+    "strip_text_model_prefix",
+]
