@@ -77,11 +77,11 @@ def _aoti(program: Path, weights: Path, device: torch.device) -> Call:
     # Folded constants are recomputed from these at the first run (runtime constant folding), so a
     # weight swap (LoRA merge, fine-tune) needs no recompile.
     compiled.load_constants({n: state[n] for n in names}, check_full_update=False)
-    return compiled  # type: ignore[no-any-return]
+    return compiled
 
 
 def _torchscript(program: Path, device: torch.device) -> Call:
-    module: Call = torch.jit.load(str(program), map_location=device)
+    module: Call = torch.jit.load(str(program), map_location=device)  # type: ignore[no-untyped-call]
     return module
 
 

@@ -31,8 +31,12 @@ class Backend(Protocol):
 
     info: ModelInfo
     tokenizer: ClipTokenizer
-    device: torch.device
-    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
 
     def check_shape(self, batch: int, height: int, width: int) -> None:
         """Raise ValueError when (batch, height, width in px) is outside what the backend serves."""

@@ -18,7 +18,7 @@ Key = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 class _Graph:
     def __init__(self, fn: Callable[..., Tensor], args: tuple[Tensor, ...], warmup: int) -> None:
         self.inputs = tuple(a.clone() for a in args)
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):  # lets lazy init and autotuning happen outside the capture

@@ -33,6 +33,8 @@ __all__ = [
     "reference_group_norm",
 ]
 
+# Bumped when an op's schema or semantics change; artifacts record the version they were built with.
+VERSION = "1"
 BUILD_HINT = "sdexport op library not built: run pip install --no-build-isolation -e ."
 
 _QUALNAMES = ("sdfused::group_norm", "sdfused::attention", "sdfused::geglu")

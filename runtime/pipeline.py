@@ -208,7 +208,8 @@ class Pipeline:
         start = image_latents if (mask is None or not full_strength) else None
         x = initial_latents(schedule, noise, start)
 
-        def model(x_in: Tensor, t: Tensor) -> Tensor:
+        def model(x: Tensor, t: Tensor) -> Tensor:
+            x_in = x
             if nine:
                 assert latent_mask is not None and masked_latents is not None
                 x_in = torch.cat([x_in, latent_mask, masked_latents], dim=1)
@@ -289,7 +290,9 @@ def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
     if seed is None:
         base = secrets.randbelow(2**32)
         return [(base + i) % 2**64 for i in range(n)]
-    if isinstance(seed, int) and not isinstance(seed, bool):
+    if isinstance(seed, int):
+        if isinstance(seed, bool):
+            raise ValueError(f"seed must be an int or a list of {n} ints, got {seed!r}")
         return [seed + i for i in range(n)]  # A1111 convention: consecutive seeds in a batch
     seeds = list(seed)
     if len(seeds) != n or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):

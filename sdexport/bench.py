@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from runtime.artifact import ArtifactBackend
 from runtime.backend import Backend, ModelInfo
 from runtime.pipeline import Pipeline
 from sdexport.models.layers import Backend as Kernels
@@ -55,7 +56,8 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: 
     times: list[float] = []
     for _ in range(repeat):
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
             fn()
             end.record()
@@ -132,37 +134,41 @@ class DiffusersBackend:
         from transformers import CLIPTextConfig, CLIPTextModel
 
         cfgs = _configs(sd)
-        self.unet_module = UNet2DConditionModel(**cfgs["unet"])
-        self.unet_module.load_state_dict(sd.unet.state_dict())
-        self.vae = AutoencoderKL(**cfgs["vae"])
-        self.vae.load_state_dict(sd.vae.state_dict())
-        self.text = CLIPTextModel(CLIPTextConfig(**cfgs["text"]))
-        self.text.text_model.load_state_dict(sd.text_encoder.state_dict(), strict=False)
+        unet: Any = UNet2DConditionModel(**cfgs["unet"])  # type: ignore[no-untyped-call]
+        vae: Any = AutoencoderKL(**cfgs["vae"])  # type: ignore[no-untyped-call]
+        text: Any = CLIPTextModel(CLIPTextConfig(**cfgs["text"]))
+        unet.load_state_dict(sd.unet.state_dict())
+        vae.load_state_dict(sd.vae.state_dict())
+        # transformers 4 nests the modules under text_model; 5 does not (our keys follow 5)
+        getattr(text, "text_model", text).load_state_dict(sd.text_encoder.state_dict(), strict=False)
         dev, dt = sd.backend.device, sd.backend.dtype
-        for m in (self.unet_module, self.vae, self.text):
+        for m in (unet, vae, text):
             m.to(dev, dt).eval()
         self.device, self.dtype = dev, dt
+        self.vae, self.text = vae, text
         self.tokenizer = sd.tokenizer
         self.info: ModelInfo = sd.info
-        self._unet: Any = self.unet_module
-        if compile_unet:
-            mode = "reduce-overhead" if dev.type == "cuda" else "default"
-            self._unet = torch.compile(self.unet_module, mode=mode)
+        mode = "reduce-overhead" if dev.type == "cuda" else "default"
+        self._unet: Any = torch.compile(unet, mode=mode) if compile_unet else unet
 
     def check_shape(self, batch: int, height: int, width: int) -> None:
         return None
 
     def encode_text(self, ids: Tensor) -> Tensor:
-        return self.text(ids)[0]  # type: ignore[no-any-return]
+        out: Tensor = self.text(ids)[0]
+        return out
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
-        return self._unet(x, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
+        out: Tensor = self._unet(x, t, encoder_hidden_states=context).sample
+        return out
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.vae.decode(z).sample  # type: ignore[no-any-return]
+        out: Tensor = self.vae.decode(z).sample
+        return out
 
     def encode(self, image: Tensor) -> Tensor:
-        return self.vae.encode(image).latent_dist.parameters  # type: ignore[no-any-return]
+        out: Tensor = self.vae.encode(image).latent_dist.parameters
+        return out
 
 
 def _configs(sd: StableDiffusion) -> dict[str, dict[str, Any]]:
@@ -240,8 +246,9 @@ def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
 
         t0 = time.perf_counter()
         pipe = runtime.load(art, device=opts.device)
+        assert isinstance(pipe.backend, ArtifactBackend)
         log(f"loaded {art} in {time.perf_counter() - t0:.2f}s")
-        record(f"artifact {pipe.backend.manifest.format} ({art})", pipe.backend)  # type: ignore[attr-defined]
+        record(f"artifact {pipe.backend.manifest.format} ({art})", pipe.backend)
     if opts.diffusers:
         try:
             import diffusers  # noqa: F401

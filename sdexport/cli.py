@@ -208,6 +208,8 @@ def inspect(artifact: Path) -> None:
 @_friendly
 def demo(out: Path, fmt: str, kernels: str) -> None:
     """Build the tiny random-weight demo model, load it with the runtime, generate one image."""
+    from torch import Tensor
+
     import runtime
     from runtime.png import save_png
     from sdexport.export.build import BuildOptions
@@ -240,6 +242,7 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
     t3 = time.perf_counter()
     compiled = pipe.text2img(prompt, steps=20, height=128, width=128, seed=7, output="tensor")
     t_second = time.perf_counter() - t3
+    assert isinstance(images, list) and isinstance(compiled, Tensor) and isinstance(eager, Tensor)
     png = save_png(images[0], out / "demo.png")
     diff = (compiled - eager).abs().max().item()
     click.echo(f"artifact  {art}  ({fmt}, kernels {kernels})")

@@ -34,11 +34,11 @@ class EagerBackend:
         self.info = info
 
     @property
-    def device(self) -> torch.device:  # type: ignore[override]
+    def device(self) -> torch.device:
         return self.unet_module.device
 
     @property
-    def dtype(self) -> torch.dtype:  # type: ignore[override]
+    def dtype(self) -> torch.dtype:
         return self.unet_module.dtype
 
     def check_shape(self, batch: int, height: int, width: int) -> None:

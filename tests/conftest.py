@@ -11,7 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import tiny_configs  # noqa: E402
+import tiny_configs
+
+# Tiny models on a shared 2-core machine: OpenMP threads cost more than they bring.
+torch.set_num_threads(1)
 
 
 def make_diffusers_folder(kind: str, root: Path, seed: int = 0) -> Path:

@@ -173,7 +173,7 @@ def test_corrupt_truncated_and_tampered_files_are_rejected(sd: StableDiffusion, 
     with pytest.raises(ArtifactError, match=r"manifest.json is not valid JSON"):
         runtime.load(bad_manifest)
 
-    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+    with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         runtime.load(tmp_path)
     with pytest.raises(ArtifactError, match="no such artifact directory"):
         runtime.load(tmp_path / "nope")

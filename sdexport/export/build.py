@@ -77,7 +77,7 @@ def _modules(sd: StableDiffusion, spec: ShapeSpec, dtype: torch.dtype,
 
 
 def _unet_multiple(sd: StableDiffusion) -> int:
-    return max(64, 8 * 2 ** (len(sd.unet.config.block_out_channels) - 1))
+    return max(64, 8 * 2 ** (len(sd.unet.config.block_out_channels) - 1))  # type: ignore[no-any-return]
 
 
 def build(sd: StableDiffusion, out: str | Path, options: BuildOptions | None = None, *,

@@ -57,7 +57,7 @@ def write_aoti(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any,
 def write_torchscript(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any,
                       out: Path) -> dict[str, str]:
     """torch.jit trace + freeze (weights are inlined by freezing; the format keeps them inside)."""
-    traced = torch.jit.trace(module, args, check_trace=False)
+    traced = torch.jit.trace(module, args, check_trace=False)  # type: ignore[no-untyped-call]
     frozen = torch.jit.freeze(traced.eval())
     torch.jit.save(frozen, str(out / f"{name}.ts"))
     return {"program": f"{name}.ts", "weights": ""}

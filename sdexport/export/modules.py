@@ -27,7 +27,8 @@ class UNetStep(nn.Module):
         self.unet = unet
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
-        return self.unet(x, t, context, weights)
+        out: Tensor = self.unet(x, t, context, weights)
+        return out
 
 
 class TextEncode(nn.Module):
@@ -36,7 +37,8 @@ class TextEncode(nn.Module):
         self.text_encoder = text_encoder
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.text_encoder(ids)
+        out: Tensor = self.text_encoder(ids)
+        return out
 
 
 class VAEDecode(nn.Module):

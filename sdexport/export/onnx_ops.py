@@ -9,7 +9,9 @@ import math
 from typing import Any
 
 import torch
-from onnxscript import opset18 as op
+from onnxscript import opset18
+
+op: Any = opset18  # onnxscript's stubs type values by ONNX type; these functions are traced
 
 
 def group_norm(x: Any, groups: int, weight: Any, bias: Any, eps: float, silu: bool) -> Any:
