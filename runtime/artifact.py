@@ -141,6 +141,10 @@ class ArtifactBackend:
         return self._text(ids)
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
+        chunks = self.manifest.shapes.max_chunks
+        if context.shape[1] > 77 * chunks:
+            raise ValueError(f"prompt too long for this artifact: {context.shape[1] // 77} chunks of 75 tokens, "
+                             f"at most {chunks} (max_chunks; rebuild with a larger --max-chunks)")
         t = t.to(device=self.device, dtype=torch.float32).reshape(1).expand(x.shape[0]).contiguous()
         return self._unet(x.to(self.dtype), t, context.to(self.dtype), weights.to(self.dtype))
 

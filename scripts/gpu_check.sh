@@ -51,9 +51,34 @@ step "micro-benchmarks (fp16)"
 "$PY" scripts/bench_ops.py --device cuda --dtype fp16 --iters 30 || rc=1
 
 # ============================================================================================
-# HOOK: pipeline benchmark (to be appended by the lead).  Keep the total under ~5 minutes.
-# Set rc=1 on failure; $OUT (if set) is the place for JSON results.
+# Pipeline benchmarks (sdexport bench), random weights at the published sizes, fp16.
+# GPU_CHECK_PHASES picks what runs (default "ops bench"); "aoti" adds an SD 1.5 AOTInductor build
+# (--half, 512 px) and benchmarks it: run it as a second call, it needs most of a 10-minute slot.
+# diffusers rows need the diffusers wheel carried in .whl/ (see scripts/README or device docs).
 # ============================================================================================
+PHASES="${GPU_CHECK_PHASES:-ops bench}"
+RES="${OUT:-${TMPDIR:-/tmp}}"
+if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+if [[ " $PHASES " == *" bench "* ]]; then
+  step "bench sd15: fp16, 512 px, CFG batch 2, 30 steps"
+  "$PY" -m sdexport.cli bench sd15 --device cuda --half --steps 30 --repeat 10 --json "$RES/bench_sd15.json" || rc=1
+  step "bench sd21-768: fp16, 768 px"
+  "$PY" -m sdexport.cli bench sd21-768 --device cuda --half --steps 30 --repeat 5 --backends sdpa,fused \
+    --no-diffusers --json "$RES/bench_sd21_768.json" || rc=1
+fi
+if [[ " $PHASES " == *" aoti "* ]]; then
+  step "build sd15 aoti --half (512 px, batch 1)"
+  bt0=$(date +%s)
+  "$PY" -m sdexport.cli build sd15 -o /tmp/sd15-aoti --format aoti --half --device cuda --max-batch 1 \
+    --min-size 512 --max-size 512 --max-chunks 1 --force || rc=1
+  echo "build seconds: $(( $(date +%s) - bt0 ))"
+  step "bench sd15 with the aoti artifact"
+  "$PY" -m sdexport.cli bench sd15 --device cuda --half --steps 30 --repeat 10 --backends sdpa,fused \
+    --no-diffusers --artifact /tmp/sd15-aoti --json "$RES/bench_sd15_aoti.json" || rc=1
+fi
 
 step "done (rc=$rc)"
 exit $rc

@@ -105,6 +105,14 @@ class StableDiffusion(Pipeline):
         load_strict(sd.unet, ck.unet, "unet")
         load_strict(sd.vae, ck.vae, "vae")
         load_strict(sd.text_encoder, strip_text_model_prefix(ck.text_encoder), "text_encoder")
+        # transformers' CLIP keeps a non-persistent position_ids buffer, absent from state dicts
+        emb: Any = sd.text_encoder.embeddings
+        if getattr(emb, "position_ids", None) is not None and emb.position_ids.is_meta:
+            positions = torch.arange(emb.position_ids.shape[-1]).expand(1, -1)
+            emb.register_buffer("position_ids", positions, persistent=False)
+        left = [n for m in sd.modules() for n, t in (*m.named_parameters(), *m.named_buffers()) if t.is_meta]
+        if left:
+            raise RuntimeError(f"tensors left unloaded: {left[:5]}")
         sd.source = ck.source
         return sd
 
