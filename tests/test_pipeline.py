@@ -36,6 +36,11 @@ def _diffusers_scheduler(name: str, config: dict[str, Any]) -> Any:
     return classes[name].from_config(config, **extra)
 
 
+def _base_config(pipe: Any) -> dict[str, Any]:
+    """The folder's scheduler config (the cached pipeline's current scheduler may be another one)."""
+    return dict(pipe._sdexport_scheduler_config)
+
+
 @functools.cache
 def _diffusers(folder: Path, kind: str = "text2img") -> Any:
     import diffusers as d
@@ -44,6 +49,7 @@ def _diffusers(folder: Path, kind: str = "text2img") -> Any:
            "inpaint": d.StableDiffusionInpaintPipeline}[kind]
     pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    pipe._sdexport_scheduler_config = dict(pipe.scheduler.config)
     return pipe
 
 
@@ -67,7 +73,7 @@ DETERMINISTIC = [s for s in SCHEDULERS if s != "euler_a"]
 @pytest.mark.parametrize("scheduler", DETERMINISTIC)
 def test_text2img_matches_diffusers_sd1(sd1_folder: Path, sd1: StableDiffusion, scheduler: str) -> None:
     ref_pipe = _diffusers(sd1_folder)
-    ref_pipe.scheduler = _diffusers_scheduler(scheduler, dict(ref_pipe.scheduler.config))
+    ref_pipe.scheduler = _diffusers_scheduler(scheduler, _base_config(ref_pipe))
     lat = _latents(1)
     prompt = "a photo of a red fox in the snow"
     ref = ref_pipe(prompt, negative_prompt=NEG, num_inference_steps=5, guidance_scale=7.5, height=H, width=W,
@@ -83,7 +89,7 @@ def test_text2img_matches_diffusers_sd2_v_prediction(sd2_folder: Path, sd2: Stab
                                                      scheduler: str) -> None:
     assert sd2.info.scheduler_config["prediction_type"] == "v_prediction"
     ref_pipe = _diffusers(sd2_folder)
-    ref_pipe.scheduler = _diffusers_scheduler(scheduler, dict(ref_pipe.scheduler.config))
+    ref_pipe.scheduler = _diffusers_scheduler(scheduler, _base_config(ref_pipe))
     lat = _latents(2, batch=2)
     prompts = ["an astronaut riding a horse", "a bowl of fruit"]
     ref = ref_pipe(prompts, negative_prompt=["", "dark"], num_inference_steps=4, guidance_scale=5.0,
@@ -96,7 +102,7 @@ def test_text2img_matches_diffusers_sd2_v_prediction(sd2_folder: Path, sd2: Stab
 
 def test_euler_ancestral_matches_diffusers_with_same_generator(sd1_folder: Path, sd1: StableDiffusion) -> None:
     ref_pipe = _diffusers(sd1_folder)
-    ref_pipe.scheduler = _diffusers_scheduler("euler_a", dict(ref_pipe.scheduler.config))
+    ref_pipe.scheduler = _diffusers_scheduler("euler_a", _base_config(ref_pipe))
     ref = ref_pipe("a cat", num_inference_steps=4, height=H, width=W, output_type="pt",
                    generator=[torch.Generator().manual_seed(11)]).images
     ours = sd1.text2img("a cat", steps=4, height=H, width=W, scheduler="euler_a", seed=11, output="tensor")
@@ -137,7 +143,7 @@ def test_inpaint_9_channel_matches_diffusers(inpaint_folder: Path, strength: flo
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
 def test_inpaint_4_channel_matches_diffusers(sd1_folder: Path, sd1: StableDiffusion, scheduler: str) -> None:
     ref_pipe = _diffusers(sd1_folder, "inpaint")
-    ref_pipe.scheduler = _diffusers_scheduler(scheduler, dict(ref_pipe.scheduler.config))
+    ref_pipe.scheduler = _diffusers_scheduler(scheduler, _base_config(ref_pipe))
     image = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(4))
     ref = ref_pipe("a red door", image=image, mask_image=_mask(), height=H, width=W, num_inference_steps=6,
                    output_type="pt", generator=torch.Generator().manual_seed(9)).images

@@ -5,12 +5,15 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+#include <cstdlib>
 
 #include "../sdfused_common.h"
 
@@ -241,13 +244,23 @@ at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t groups, const std::opt
 }
 
 // ---- attention -------------------------------------------------------------------------
-// Flash-style: each task owns a block of BQ query rows of one (b, h) and streams key/value
-// blocks of BK rows, keeping a running max m, normaliser l and fp32 accumulator per row.
-// K is transposed into a (Dp, BK) buffer so that scores are broadcast-FMAs over keys;
-// P V is broadcast-FMAs over the head dim.  Dp = D rounded up to the vector width.
+// Flash-style: each task owns a block of up to BQ query rows of one (b, h) and streams key /
+// value blocks of up to BK rows, keeping a running row max m, normaliser l and an fp32
+// accumulator, so the full (Lq, Lk) score matrix is never materialised.  Both products are
+// fp32 BLAS calls (cpublas::brgemm: oneDNN / MKL underneath):
+//   S   (rows, cols) = Qs (rows, D) . Kt[:, k0:k0+cols]     Kt = K^T, (D, Lk), packed per (b, h)
+//   Acc (rows, D)   += P (rows, cols) . Vw[k0:k0+cols, :]    Vw = V * w[:, None] (fp32)
+// Scaling the value rows by w equals scaling the columns of P; the softmax normaliser l
+// excludes w.
 
-constexpr int64_t kBQ = 64;
-constexpr int64_t kBK = 128;
+constexpr int64_t kBK = 512;            // key block (max)
+constexpr int64_t kScoreBlock = 128 * 512;  // floats in the per-thread score buffer S
+
+// C (M, N) = A (M, K) . B (K, N) (+ C when accumulate); row-major fp32 with leading dims.
+inline void gemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    float* C, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C);
+}
 
 struct AttnParams {
   int64_t B, H, Lq, Lk, D;
@@ -258,122 +271,128 @@ struct AttnParams {
   float scale;
 };
 
-// S[i, j] = sum_d Q[i, d] * Kt[d, j] for 4 rows at a time, BK columns.
-inline void scores_block(const float* Q, const float* Kt, float* S, int64_t rows, int64_t Dp, int64_t D) {
-  int64_t i = 0;
-  for (; i < rows; i += 4) {
-    const int64_t nr = std::min<int64_t>(4, rows - i);
-    for (int64_t j = 0; j < kBK; j += 2 * kV) {
-      Vec a[4][2];
-      for (int r = 0; r < 4; ++r) a[r][0] = a[r][1] = Vec(0.0f);
-      for (int64_t d = 0; d < D; ++d) {
-        const Vec k0 = Vec::loadu(Kt + d * kBK + j), k1 = Vec::loadu(Kt + d * kBK + j + kV);
-        for (int r = 0; r < 4; ++r) {
-          const Vec qv(Q[(i + (r < nr ? r : 0)) * Dp + d]);
-          a[r][0] = at::vec::fmadd(qv, k0, a[r][0]);
-          a[r][1] = at::vec::fmadd(qv, k1, a[r][1]);
-        }
-      }
-      for (int r = 0; r < nr; ++r) {
-        a[r][0].store(S + (i + r) * kBK + j);
-        a[r][1].store(S + (i + r) * kBK + j + kV);
-      }
-    }
-  }
+inline float row_max(const float* s, int64_t n, float init) {
+  Vec vmax(init);
+  int64_t j = 0;
+  for (; j + kV <= n; j += kV) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
 }
 
-// Acc[i, :] += sum_j P[i, j] * V[j, :] for `rows` rows, `cols` keys.
-inline void pv_block(const float* P, const float* V, float* Acc, int64_t rows, int64_t cols, int64_t Dp) {
-  for (int64_t i = 0; i < rows; i += 4) {
-    const int64_t nr = std::min<int64_t>(4, rows - i);
-    for (int64_t d = 0; d < Dp; d += kV) {
-      Vec a[4];
-      for (int r = 0; r < 4; ++r) a[r] = r < nr ? Vec::loadu(Acc + (i + r) * Dp + d) : Vec(0.0f);
-      for (int64_t j = 0; j < cols; ++j) {
-        const Vec vv = Vec::loadu(V + j * Dp + d);
-        for (int r = 0; r < 4; ++r) a[r] = at::vec::fmadd(Vec(P[(i + (r < nr ? r : 0)) * kBK + j]), vv, a[r]);
-      }
-      for (int r = 0; r < nr; ++r) a[r].store(Acc + (i + r) * Dp + d);
-    }
+// s[j] = exp(s[j] - mx) in place; returns the sum.  exp_u20 is the fast polynomial exp that
+// torch's own CPU flash attention uses (a few ulp).
+inline float exp_sum_inplace(float* s, int64_t n, float mx) {
+  const Vec vmx(mx);
+  Vec vsum(0.0f);
+  int64_t j = 0;
+  for (; j + kV <= n; j += kV) {
+    const Vec e = (Vec::loadu(s + j) - vmx).exp_u20();
+    vsum += e;
+    e.store(s + j);
   }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  return sum;
+}
+
+template <typename T>
+inline void convert_row(const T* src, float* dst, int64_t n, float mul) {
+  const Vec vm(mul);
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV) (load_f(src + i) * vm).store(dst + i);
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
 }
 
 template <typename T>
 void attention_cpu_kernel(const T* q, const T* k, const T* v, T* out, const AttnParams& p) {
-  const int64_t D = p.D, Dp = (D + kV - 1) / kV * kV;
-  const int64_t nqb = (p.Lq + kBQ - 1) / kBQ;
+  static const int64_t kBKe = getenv("SDF_BK") ? atoi(getenv("SDF_BK")) : kBK;
+  static const int64_t kSB = getenv("SDF_SB") ? atoi(getenv("SDF_SB")) : kScoreBlock;
+  static const int64_t kMode = getenv("SDF_MODE") ? atoi(getenv("SDF_MODE")) : 0;
+  const int64_t D = p.D, Lk = p.Lk, BK = std::min(kBKe, Lk);
+  // Query block: fill the score buffer (large blocks amortise the per-call GEMM overhead when
+  // Lk is short, e.g. 77 text tokens), but keep a few tasks per thread for load balance.
+  int64_t BQ = std::clamp<int64_t>(kSB / BK, 32, 512);
+  BQ = std::min(BQ, p.Lq);
+  const int64_t tasks_wanted = 4 * static_cast<int64_t>(at::get_num_threads());
+  while (BQ > 32 && p.B * p.H * ((p.Lq + BQ - 1) / BQ) < tasks_wanted) BQ = (BQ + 1) / 2;
+  const int64_t nqb = (p.Lq + BQ - 1) / BQ;
+  // fp32 values without weights are read in place; otherwise converted / weighted per (b, h).
+  const bool v_in_place = std::is_same_v<T, float> && p.w == nullptr;
+
   at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> Q(kBQ * Dp), Kt(Dp * kBK), V(kBK * Dp), S(kBQ * kBK), Acc(kBQ * Dp);
-    std::vector<float> m(kBQ), l(kBQ);
+    std::vector<float> Kt(D * Lk), Vw(v_in_place ? 0 : Lk * D);
+    std::vector<float> Qs(BQ * D), S(BQ * BK), Acc(BQ * D), m(BQ), l(BQ);
+    int64_t packed_bh = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, qb = t % nqb, b = bh / p.H, h = bh % p.H;
-      const int64_t q0 = qb * kBQ, rows = std::min(kBQ, p.Lq - q0);
-      const T* qbase = q + b * p.q_sb + h * p.q_sh;
+      const int64_t q0 = qb * BQ, rows = std::min(BQ, p.Lq - q0);
       const T* kbase = k + b * p.k_sb + h * p.k_sh;
       const T* vbase = v + b * p.v_sb + h * p.v_sh;
-      const float* wrow = p.w ? p.w + b * p.Lk : nullptr;
-      std::fill(Q.begin(), Q.end(), 0.0f);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t d = 0; d < D; ++d) Q[i * Dp + d] = static_cast<float>(qbase[(q0 + i) * p.q_sl + d]) * p.scale;
-      std::fill(Acc.begin(), Acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.0f);
-      std::fill(V.begin(), V.end(), 0.0f);
-      for (int64_t k0 = 0; k0 < p.Lk; k0 += kBK) {
-        const int64_t cols = std::min(kBK, p.Lk - k0);
-        // columns >= cols of Kt / rows >= cols of V hold stale data; they are never read back
-        for (int64_t j = 0; j < cols; ++j) {
-          const T* kr = kbase + (k0 + j) * p.k_sl;
-          const T* vr = vbase + (k0 + j) * p.v_sl;
-          for (int64_t d = 0; d < D; ++d) {
-            Kt[d * kBK + j] = static_cast<float>(kr[d]);
-            V[j * Dp + d] = static_cast<float>(vr[d]);
-          }
+      // Pack K^T (and weighted fp32 V) once per (b, h); a thread's tasks are consecutive.
+      if (bh != packed_bh) {
+        packed_bh = bh;
+        constexpr int64_t kTile = 16;  // 16 key rows -> one cache line per Kt row
+        for (int64_t j0 = 0; j0 < Lk; j0 += kTile) {
+          const int64_t nj = std::min(kTile, Lk - j0);
+          for (int64_t d = 0; d < D; ++d)
+            for (int64_t j = 0; j < nj; ++j) Kt[d * Lk + j0 + j] = static_cast<float>(kbase[(j0 + j) * p.k_sl + d]);
         }
-        scores_block(Q.data(), Kt.data(), S.data(), rows, Dp, D);
-        for (int64_t i = 0; i < rows; ++i) {
-          float* s = S.data() + i * kBK;
-          float mx = m[i];
-          {
-            Vec vmax(mx);
-            int64_t j = 0;
-            for (; j + kV <= cols; j += kV) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
-            mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
-            for (; j < cols; ++j) mx = std::max(mx, s[j]);
-          }
-          const float alpha = std::exp(m[i] - mx);  // 0 on the first block (m = -inf)
-          m[i] = mx;
-          // p = exp(s - mx) vectorised; the row sum excludes the value weights.
-          const Vec vmx(mx);
-          Vec vsum(0.0f);
-          int64_t j = 0;
-          for (; j + kV <= cols; j += kV) {
-            const Vec e = (Vec::loadu(s + j) - vmx).exp();
-            vsum += e;
-            e.store(s + j);
-          }
-          float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
-          for (; j < cols; ++j) {
-            s[j] = std::exp(s[j] - mx);
-            sum += s[j];
-          }
-          l[i] = l[i] * alpha + sum;
-          if (wrow != nullptr) {
-            int64_t jj = 0;
-            for (; jj + kV <= cols; jj += kV) (Vec::loadu(s + jj) * Vec::loadu(wrow + k0 + jj)).store(s + jj);
-            for (; jj < cols; ++jj) s[jj] *= wrow[k0 + jj];
-          }
-          if (alpha != 1.0f) {
-            float* a = Acc.data() + i * Dp;
-            for (int64_t d = 0; d < Dp; d += kV) (Vec::loadu(a + d) * Vec(alpha)).store(a + d);
-          }
+        if (!v_in_place) {
+          const float* wrow = p.w ? p.w + b * Lk : nullptr;
+          for (int64_t j = 0; j < Lk; ++j) convert_row(vbase + j * p.v_sl, Vw.data() + j * D, D, wrow ? wrow[j] : 1.0f);
         }
-        pv_block(S.data(), V.data(), Acc.data(), rows, cols, Dp);
+      }
+      const float* Vp;
+      int64_t ldv;
+      if constexpr (std::is_same_v<T, float>) {
+        Vp = v_in_place ? vbase : Vw.data();
+        ldv = v_in_place ? p.v_sl : D;
+      } else {
+        Vp = Vw.data();
+        ldv = D;
+      }
+      // Qs = q block * scale (fp32): scaling q once is cheaper than scaling every score.
+      const T* qbase = q + b * p.q_sb + h * p.q_sh + q0 * p.q_sl;
+      for (int64_t i = 0; i < rows; ++i) convert_row(qbase + i * p.q_sl, Qs.data() + i * D, D, p.scale);
+
+      for (int64_t k0 = 0; k0 < Lk; k0 += BK) {
+        const int64_t cols = std::min(BK, Lk - k0);
+        const bool first = k0 == 0;
+        if (kMode != 2) gemm_rm(rows, cols, D, Qs.data(), D, Kt.data() + k0, Lk, S.data(), BK, false);
+        if (kMode != 1) for (int64_t i = 0; i < rows; ++i) {
+          float* s = S.data() + i * BK;
+          const float m_new = row_max(s, cols, first ? -std::numeric_limits<float>::infinity() : m[i]);
+          const float sum = exp_sum_inplace(s, cols, m_new);
+          if (first) {
+            l[i] = sum;
+          } else {
+            // rescale the running sum and accumulator to the new max
+            const float alpha = std::exp(m[i] - m_new);
+            l[i] = l[i] * alpha + sum;
+            if (alpha != 1.0f) {
+              float* a = Acc.data() + i * D;
+              int64_t d = 0;
+              for (; d + kV <= D; d += kV) (Vec::loadu(a + d) * Vec(alpha)).store(a + d);
+              for (; d < D; ++d) a[d] *= alpha;
+            }
+          }
+          m[i] = m_new;
+        }
+        // the first block overwrites Acc, later ones accumulate
+        if (kMode != 2) gemm_rm(rows, D, cols, S.data(), BK, Vp + k0 * ldv, ldv, Acc.data(), D, !first);
       }
       T* obase = out + ((b * p.H + h) * p.Lq + q0) * D;
       for (int64_t i = 0; i < rows; ++i) {
         const float inv = 1.0f / l[i];
-        for (int64_t d = 0; d < D; ++d) obase[i * D + d] = static_cast<T>(Acc[i * Dp + d] * inv);
+        const float* a = Acc.data() + i * D;
+        T* o = obase + i * D;
+        int64_t d = 0;
+        for (; d + kV <= D; d += kV) store_f(o + d, Vec::loadu(a + d) * Vec(inv));
+        for (; d < D; ++d) o[d] = static_cast<T>(a[d] * inv);
       }
     }
   });
