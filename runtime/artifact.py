@@ -128,7 +128,9 @@ class ArtifactBackend:
                 calls[name] = _onnx(program, device)
         self._text, self._decode, self._encode = calls["text_encoder"], calls["vae_decoder"], calls["vae_encoder"]
         unet = calls["unet"]
-        self._unet: Call = GraphedCall(unet) if cuda_graphs and device.type == "cuda" else unet
+        # onnxruntime runs outside torch's stream, so only torch formats can be captured
+        graphed = cuda_graphs and device.type == "cuda" and m.format != "onnx"
+        self._unet: Call = GraphedCall(unet) if graphed else unet
 
     def check_shape(self, batch: int, height: int, width: int) -> None:
         self.manifest.shapes.check(batch, height, width)
@@ -145,14 +147,20 @@ class ArtifactBackend:
         if context.shape[1] > 77 * chunks:
             raise ValueError(f"prompt too long for this artifact: {context.shape[1] // 77} chunks of 75 tokens, "
                              f"at most {chunks} (max_chunks; rebuild with a larger --max-chunks)")
-        t = t.to(device=self.device, dtype=torch.float32).reshape(1).expand(x.shape[0]).contiguous()
-        return self._unet(x.to(self.dtype), t, context.to(self.dtype), weights.to(self.dtype))
+        t = t.to(device=self.device, dtype=torch.float32).reshape(1).expand(x.shape[0])
+        return self._unet(*_dense(self.dtype, x), t.contiguous(), *_dense(self.dtype, context, weights))
 
     def decode(self, z: Tensor) -> Tensor:
-        return self._decode(z.to(self.dtype))
+        return self._decode(*_dense(self.dtype, z))
 
     def encode(self, image: Tensor) -> Tensor:
-        return self._encode(image.to(self.dtype))
+        return self._encode(*_dense(self.dtype, image))
+
+
+def _dense(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Compiled programs assume the contiguous layout they were traced with (AOTInductor does not check
+    strides): a channels_last input, e.g. latents derived from a channels_last VAE output, must be copied."""
+    return tuple(t.to(dtype).contiguous() for t in tensors)
 
 
 def load(path: str | Path, device: str | torch.device | None = None, *, cuda_graphs: bool = True,

@@ -362,11 +362,11 @@ void attention_cpu_kernel(const T* q, const T* k, const T* v, T* out, const Attn
       for (int64_t k0 = 0; k0 < Lk; k0 += BK) {
         const int64_t cols = std::min(BK, Lk - k0);
         const bool first = k0 == 0;
-        if (kMode != 2) gemm_rm(rows, cols, D, Qs.data(), D, Kt.data() + k0, Lk, S.data(), BK, false);
+        if (kMode != 2 && kMode != 3) gemm_rm(rows, cols, D, Qs.data(), D, Kt.data() + k0, Lk, S.data(), BK, false);
         if (kMode != 1) for (int64_t i = 0; i < rows; ++i) {
           float* s = S.data() + i * BK;
           const float m_new = row_max(s, cols, first ? -std::numeric_limits<float>::infinity() : m[i]);
-          const float sum = exp_sum_inplace(s, cols, m_new);
+          const float sum = kMode == 3 ? 1.0f : exp_sum_inplace(s, cols, m_new);
           if (first) {
             l[i] = sum;
           } else {
@@ -383,7 +383,7 @@ void attention_cpu_kernel(const T* q, const T* k, const T* v, T* out, const Attn
           m[i] = m_new;
         }
         // the first block overwrites Acc, later ones accumulate
-        if (kMode != 2) gemm_rm(rows, D, cols, S.data(), BK, Vp + k0 * ldv, ldv, Acc.data(), D, !first);
+        if (kMode != 2 && kMode != 3) gemm_rm(rows, D, cols, S.data(), BK, Vp + k0 * ldv, ldv, Acc.data(), D, !first);
       }
       T* obase = out + ((b * p.H + h) * p.Lq + q0) * D;
       for (int64_t i = 0; i < rows; ++i) {
