@@ -81,7 +81,9 @@ def _aoti(program: Path, weights: Path, device: torch.device) -> Call:
 
 
 def _torchscript(program: Path, device: torch.device) -> Call:
-    module: Call = torch.jit.load(str(program), map_location=device)  # type: ignore[no-untyped-call]
+    with warnings.catch_warnings():  # torch.jit warns that it is deprecated on every call
+        warnings.simplefilter("ignore")
+        module: Call = torch.jit.load(str(program), map_location=device)  # type: ignore[no-untyped-call]
     return module
 
 

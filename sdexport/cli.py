@@ -208,6 +208,7 @@ def inspect(artifact: Path) -> None:
 @_friendly
 def demo(out: Path, fmt: str, kernels: str) -> None:
     """Build the tiny random-weight demo model, load it with the runtime, generate one image."""
+    import torch
     from torch import Tensor
 
     import runtime
@@ -222,6 +223,9 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
         if not ops.available():
             click.echo("op library not built: using --kernels native", err=True)
             kernels = "native"
+    # The demo model is tiny: thread start-up and barriers cost more than they bring (and on a busy
+    # machine OpenMP waits can slow it down a hundredfold).
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     sd = random_pipeline("demo")
     prompt = "a (red):1.4 fox in the snow, [blurry]"

@@ -138,6 +138,13 @@ class StableDiffusion(Pipeline):
             m.eval().requires_grad_(False)
         return cls(EagerBackend(unet, vae, text, tokenizer, info), scheduler_config, None)
 
+    def export(self, out: str | Path, *, overwrite: bool = False, **options: Any) -> Path:
+        """Build an artifact (see `sdexport build`); options are `BuildOptions` fields:
+        format, half, device, kernels, max_batch, min_size, max_size, max_chunks."""
+        from sdexport.export.build import BuildOptions, build
+
+        return build(self, out, BuildOptions(**options), overwrite=overwrite).path
+
     # ---- modules ----------------------------------------------------------------------------
     @property
     def unet(self) -> UNet:

@@ -84,7 +84,7 @@ def test_text2img_matches_diffusers_sd1(sd1_folder: Path, sd1: StableDiffusion, 
     assert (ours - ref).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m", "unipc", "pndm"])
+@pytest.mark.parametrize("scheduler", DETERMINISTIC)
 def test_text2img_matches_diffusers_sd2_v_prediction(sd2_folder: Path, sd2: StableDiffusion,
                                                      scheduler: str) -> None:
     assert sd2.info.scheduler_config["prediction_type"] == "v_prediction"

@@ -271,11 +271,19 @@ struct AttnParams {
   float scale;
 };
 
+// max(init, s[0..n)); four accumulators hide the latency of the (NaN-propagating) max.
 inline float row_max(const float* s, int64_t n, float init) {
-  Vec vmax(init);
+  Vec m0(init), m1(init), m2(init), m3(init);
   int64_t j = 0;
-  for (; j + kV <= n; j += kV) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
-  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vmax);
+  for (; j + 4 * kV <= n; j += 4 * kV) {
+    m0 = at::vec::maximum(m0, Vec::loadu(s + j));
+    m1 = at::vec::maximum(m1, Vec::loadu(s + j + kV));
+    m2 = at::vec::maximum(m2, Vec::loadu(s + j + 2 * kV));
+    m3 = at::vec::maximum(m3, Vec::loadu(s + j + 3 * kV));
+  }
+  for (; j + kV <= n; j += kV) m0 = at::vec::maximum(m0, Vec::loadu(s + j));
+  const Vec mv = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, mv);
   for (; j < n; ++j) mx = std::max(mx, s[j]);
   return mx;
 }
@@ -284,14 +292,21 @@ inline float row_max(const float* s, int64_t n, float init) {
 // torch's own CPU flash attention uses (a few ulp).
 inline float exp_sum_inplace(float* s, int64_t n, float mx) {
   const Vec vmx(mx);
-  Vec vsum(0.0f);
+  Vec sum0(0.0f), sum1(0.0f);
   int64_t j = 0;
+  for (; j + 2 * kV <= n; j += 2 * kV) {
+    const Vec e0 = (Vec::loadu(s + j) - vmx).exp_u20(), e1 = (Vec::loadu(s + j + kV) - vmx).exp_u20();
+    sum0 += e0;
+    sum1 += e1;
+    e0.store(s + j);
+    e1.store(s + j + kV);
+  }
   for (; j + kV <= n; j += kV) {
     const Vec e = (Vec::loadu(s + j) - vmx).exp_u20();
-    vsum += e;
+    sum0 += e;
     e.store(s + j);
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, sum0 + sum1);
   for (; j < n; ++j) {
     s[j] = std::exp(s[j] - mx);
     sum += s[j];

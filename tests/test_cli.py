@@ -1,0 +1,114 @@
+"""The `sdexport` command as a user runs it: build, inspect, generate, bench, and its error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from sdexport.cli import main
+
+SMALL = ["--format", "pt2", "--kernels", "native", "--min-size", "64", "--max-size", "128", "--max-batch", "1"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory, sd1_folder: Path) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "art"
+    result = CliRunner().invoke(main, ["build", str(sd1_folder), "-o", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    return out
+
+
+def test_inspect_prints_and_verifies(artifact: Path) -> None:
+    result = CliRunner().invoke(main, ["inspect", str(artifact)])
+    assert result.exit_code == 0, result.output
+    assert "pt2 (version 1)" in result.output
+    assert "batch 1..1, 64..128 px in steps of 64" in result.output
+    assert "verified:" in result.output and "unet.safetensors" in result.output
+
+
+def test_inspect_reports_tampering(artifact: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = shutil.copytree(artifact, tmp_path / "bad")
+    (bad / "tokenizer.json").write_text("{}")
+    result = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert result.exit_code == 1
+    assert "checksum mismatch in tokenizer.json" in result.output
+
+
+def test_generate_from_artifact_writes_png_with_metadata(artifact: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["generate", str(artifact), "-p", "a (red):1.2 fox", "-n", "blurry",
+                                       "--steps", "2", "-W", "64", "-H", "64", "-s", "12", "--sampler", "euler",
+                                       "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "12.png"
+    info = Image.open(png).info["parameters"]
+    assert info.startswith("a (red):1.2 fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 12")
+
+
+def test_generate_img2img_and_inpaint_from_checkpoint(sd1_folder: Path, tmp_path: Path) -> None:
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (16, 16, 48, 48))
+    m.save(mask)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    r1 = runner.invoke(main, ["generate", str(sd1_folder), "-p", "a fox", "--steps", "3", "-s", "1", "-i", str(init),
+                              "--strength", "0.5", "-o", str(out)])
+    assert r1.exit_code == 0, r1.output
+    assert "Denoising strength: 0.5" in Image.open(out / "1.png").info["parameters"]
+    r2 = runner.invoke(main, ["generate", str(sd1_folder), "-p", "a fox", "--steps", "2", "-s", "1", "-i", str(init),
+                              "--mask", str(mask), "-b", "2", "-o", str(out)])
+    assert r2.exit_code == 0, r2.output
+    assert (out / "1-1.png").exists() and (out / "2.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "no/such/model", "-p", "x"], "no/such/model"),
+        (["generate", "demo", "-p", "x", "-W", "100"], "width must be a positive multiple of 8"),
+        (["generate", "demo", "-p", "x", "--sampler", "magic", "--steps", "1"], "unknown scheduler 'magic'"),
+        (["build", "demo", "-o", "x", "--min-size", "100"], "min_size must be a multiple of 64"),
+    ],
+)
+def test_user_errors_are_one_clean_line(args: list[str], message: str, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_mask_needs_init(tmp_path: Path) -> None:
+    mask = tmp_path / "m.png"
+    Image.new("L", (64, 64)).save(mask)
+    result = CliRunner().invoke(main, ["generate", "demo", "-p", "x", "--mask", str(mask)])
+    assert result.exit_code == 2 and "--mask needs --init" in result.output
+
+
+def test_bench_reports_every_path_with_differences(artifact: Path, sd1_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", str(sd1_folder), "--artifact", str(artifact), "-W", "64", "-H", "64",
+                                       "--steps", "2", "--repeat", "1", "--backends", "sdpa,reference",
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    paths = [r["path"] for r in data["rows"]]
+    assert paths[0] == "eager sdpa" and "eager reference" in paths and "diffusers eager" in paths
+    assert any(p.startswith("artifact pt2") for p in paths)
+    for row in data["rows"]:
+        assert set(row["ms"]) == {"text_encoder", "unet_step", "vae_decode", "vae_encode", "image"}
+        assert all(v > 0 for v in row["ms"].values())
+        assert max(row["max_abs_diff"].values()) < 1e-3, row  # every path computes the same thing
+    assert data["meta"]["torch"] == torch.__version__
+    assert "unet_step" in result.output
