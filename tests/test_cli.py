@@ -49,7 +49,8 @@ def test_generate_from_artifact_writes_png_with_metadata(artifact: Path, tmp_pat
     assert result.exit_code == 0, result.output
     png = tmp_path / "12.png"
     info = Image.open(png).info["parameters"]
-    assert info.startswith("a (red):1.2 fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 12")
+    expected = "a (red):1.2 fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 12"
+    assert info.startswith(expected)
 
 
 def test_generate_img2img_and_inpaint_from_checkpoint(sd1_folder: Path, tmp_path: Path) -> None:
