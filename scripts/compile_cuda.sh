@@ -9,7 +9,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${SDEXPORT_CUDA_VENV:-$ROOT/.cudavenv}"
+# A cache outside the checkout, so CI clones reuse it; created on first use.
+VENV="${SDEXPORT_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sdexport/cudavenv}"
 TORCH_SPEC="${SDEXPORT_CUDA_TORCH:-torch==2.14.1}"
 OUT_DIR="$ROOT/build/cuda-check"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
