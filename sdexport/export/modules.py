@@ -18,7 +18,9 @@ from torch.export import Dim
 
 from sdexport.models.text_encoder import TextEncoder
 from sdexport.models.unet import UNet
-from sdexport.models.vae import VAE
+from sdexport.models.vae import VAE, VAEDecode
+
+__all__ = ["ShapeSpec", "TextEncode", "UNetStep", "VAEDecode", "VAEMoments"]
 
 
 class UNetStep(nn.Module):
@@ -39,15 +41,6 @@ class TextEncode(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         out: Tensor = self.text_encoder(ids)
         return out
-
-
-class VAEDecode(nn.Module):
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.vae.decode(z)
 
 
 class VAEMoments(nn.Module):
