@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -13,7 +12,6 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
-#include <cstdlib>
 
 #include "../sdfused_common.h"
 
@@ -41,182 +39,242 @@ inline void store_f(T* p, const Vec& v) {
   at::vec::convert_from_float<T>(v, v).store(p, kV);
 }
 
-inline Vec silu_v(const Vec& y) { return y / (Vec(1.0f) + y.neg().exp()); }
+// exp(x) for fp32 lanes, accurate to a few ulp (the degree-5 polynomial of ATen's exp_u20) in
+// about half the instructions of Sleef's exp.  x = n ln2 + r with n = round(x log2e): adding
+// 1.5 * 2^23 + 127 leaves n + 127 in the low mantissa bits, which shifted into the exponent
+// field give 2^n.  x is clamped to [-87, 88] (to [-87, inf) when the caller knows x <= 0) so
+// that 2^n stays a normal float; the clamps keep NaN.
+template <bool kClampHigh = true>
+inline Vec fast_exp(const Vec& x_in) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  __m256 x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x_in);  // operand order keeps NaN
+  if (kClampHigh) x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147182f), x);  // |r| <= ln2 / 2
+  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166676521f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.499991506f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.999999701f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  return Vec(_mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23))));
+#else
+  return x_in.exp_u20();
+#endif
+}
+
+// max of two vectors; NaN handling is left to the caller (the AVX2 instruction drops it).
+inline Vec vmax(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  return Vec(_mm256_max_ps(a, b));
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
+inline Vec silu_v(const Vec& y) { return y / (Vec(1.0f) + fast_exp(y.neg())); }
 inline float silu_s(float y) { return y / (1.0f + std::exp(-y)); }
 
 // ---- group_norm ------------------------------------------------------------------------
+// One statistics pass, then one fused affine (+SiLU) pass.  Statistics are per-channel
+// moments shifted by a sample of that channel (so fp32 partial sums stay O(std) even when
+// |mean| >> std), accumulated in fp32 lanes over short runs and in double beyond, then merged
+// per group with the exact parallel-variance formula.  The output is computed as
+// (x - shift_c) * a_c + b_c with b_c folded in double, so the group mean is never rounded.
 
-// y = (x - mean) * a + b (then SiLU) over n contiguous elements.  Subtracting the mean first
-// (rather than folding it into the shift) avoids cancellation when |mean| >> std.
+// sum(x - shift) and sum((x - shift)^2) over n contiguous values, added to s1, s2.
 template <typename T>
-inline void affine_row(const T* x, T* y, int64_t n, float mean, float a, float b, bool silu) {
-  const Vec vm(mean), va(a), vb(b);
+void shifted_moments(const T* x, int64_t n, float shift, double& s1, double& s2) {
+  constexpr int64_t kChunk = 2048;  // fp32 lane sums over <= 128 values each
+  const Vec vs(shift);
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    Vec a0(0.0f), a1(0.0f), q0(0.0f), q1(0.0f);
+    int64_t i = c0;
+    for (; i + 2 * kV <= c1; i += 2 * kV) {
+      const Vec d0 = load_f(x + i) - vs, d1 = load_f(x + i + kV) - vs;
+      a0 += d0;
+      a1 += d1;
+      q0 = at::vec::fmadd(d0, d0, q0);
+      q1 = at::vec::fmadd(d1, d1, q1);
+    }
+    for (; i + kV <= c1; i += kV) {
+      const Vec d = load_f(x + i) - vs;
+      a0 += d;
+      q0 = at::vec::fmadd(d, d, q0);
+    }
+    s1 += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, a0 + a1);
+    s2 += at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, q0 + q1);
+    for (; i < c1; ++i) {
+      const double d = static_cast<double>(static_cast<float>(x[i]) - shift);
+      s1 += d;
+      s2 += d * d;
+    }
+  }
+}
+
+// From per-channel shifted moments (cnt values per channel) of the Cg channels of one group,
+// the per-channel affine y = (x - shift[c]) * a[c] + b[c] of the normalised, weighted output.
+inline void group_affine(const float* shift, const double* s1, const double* s2, int64_t Cg, int64_t cnt,
+                         double eps, const float* w, const float* b, float* a_out, float* b_out) {
+  double mean = 0.0;
+  for (int64_t c = 0; c < Cg; ++c) mean += shift[c] + s1[c] / cnt;
+  mean /= Cg;
+  double m2 = 0.0;  // sum of squared deviations from the group mean
+  for (int64_t c = 0; c < Cg; ++c) {
+    const double mc = shift[c] + s1[c] / cnt;
+    m2 += std::max(0.0, s2[c] - s1[c] * s1[c] / cnt) + cnt * (mc - mean) * (mc - mean);
+  }
+  const double rstd = 1.0 / std::sqrt(m2 / static_cast<double>(Cg * cnt) + eps);
+  for (int64_t c = 0; c < Cg; ++c) {
+    const double a = rstd * w[c];
+    a_out[c] = static_cast<float>(a);
+    b_out[c] = static_cast<float>((shift[c] - mean) * a + b[c]);
+  }
+}
+
+// y = (x - s) * a + b (then SiLU) over n contiguous elements.
+template <typename T>
+inline void affine_row(const T* x, T* y, int64_t n, float s, float a, float b, bool silu) {
+  const Vec vs(s), va(a), vb(b);
   int64_t i = 0;
   for (; i + kV <= n; i += kV) {
-    Vec r = at::vec::fmadd(load_f(x + i) - vm, va, vb);
+    Vec r = at::vec::fmadd(load_f(x + i) - vs, va, vb);
     if (silu) r = silu_v(r);
     store_f(y + i, r);
   }
   for (; i < n; ++i) {
-    float r = (static_cast<float>(x[i]) - mean) * a + b;
+    float r = (static_cast<float>(x[i]) - s) * a + b;
     y[i] = static_cast<T>(silu ? silu_s(r) : r);
   }
 }
 
-// y[c] = (x[c] - mean[c]) * a[c] + b[c] (then SiLU) over one row of C channels.
+// y[c] = (x[c] - s[c]) * a[c] + b[c] (then SiLU) over one row of C channels.
 template <typename T>
-inline void affine_channels(const T* x, T* y, const float* mean, const float* a, const float* b, int64_t C,
-                            bool silu) {
+inline void affine_channels(const T* x, T* y, const float* s, const float* a, const float* b, int64_t C, bool silu) {
   int64_t c = 0;
   for (; c + kV <= C; c += kV) {
-    Vec r = at::vec::fmadd(load_f(x + c) - Vec::loadu(mean + c), Vec::loadu(a + c), Vec::loadu(b + c));
+    Vec r = at::vec::fmadd(load_f(x + c) - Vec::loadu(s + c), Vec::loadu(a + c), Vec::loadu(b + c));
     if (silu) r = silu_v(r);
     store_f(y + c, r);
   }
   for (; c < C; ++c) {
-    float r = (static_cast<float>(x[c]) - mean[c]) * a[c] + b[c];
+    float r = (static_cast<float>(x[c]) - s[c]) * a[c] + b[c];
     y[c] = static_cast<T>(silu ? silu_s(r) : r);
   }
 }
 
-// sum(x - shift) over n elements; the shift (a sample of the data) keeps fp32 partial sums
-// small when |mean| >> std.
-template <typename T>
-double sum_span(const T* x, int64_t n, float shift) {
-  const Vec vs(shift);
-  Vec acc0(0.0f), acc1(0.0f);
-  int64_t i = 0;
-  for (; i + 2 * kV <= n; i += 2 * kV) {
-    acc0 += load_f(x + i) - vs;
-    acc1 += load_f(x + i + kV) - vs;
-  }
-  for (; i + kV <= n; i += kV) acc0 += load_f(x + i) - vs;
-  double s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
-  for (; i < n; ++i) s += static_cast<float>(x[i]) - shift;
-  return s;
-}
-
-template <typename T>
-double sqdev_span(const T* x, int64_t n, float mean) {
-  const Vec vm(mean);
-  Vec acc0(0.0f), acc1(0.0f);
-  int64_t i = 0;
-  for (; i + 2 * kV <= n; i += 2 * kV) {
-    Vec d0 = load_f(x + i) - vm, d1 = load_f(x + i + kV) - vm;
-    acc0 = at::vec::fmadd(d0, d0, acc0);
-    acc1 = at::vec::fmadd(d1, d1, acc1);
-  }
-  for (; i + kV <= n; i += kV) {
-    Vec d = load_f(x + i) - vm;
-    acc0 = at::vec::fmadd(d, d, acc0);
-  }
-  double s = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc0 + acc1);
-  for (; i < n; ++i) {
-    double d = static_cast<double>(static_cast<float>(x[i])) - mean;
-    s += d * d;
-  }
-  return s;
-}
-
-// (N, C, S) contiguous: one task per (n, group); the group is one contiguous span.
+// (N, C, S) contiguous: one task per (n, group), a contiguous span of Cg * S values that stays
+// in cache between the statistics and the affine pass.
 template <typename T>
 void group_norm_cf(const T* x, T* y, const float* w, const float* b, int64_t N, int64_t C, int64_t S,
                    int64_t G, double eps, bool silu) {
-  const int64_t Cg = C / G, M = Cg * S;
+  const int64_t Cg = C / G;
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> shift(Cg), a(Cg), bb(Cg);
+    std::vector<double> s1(Cg), s2(Cg);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / G, g = idx % G;
-      const int64_t off = (n * C + g * Cg) * S;
-      const float shift = static_cast<float>(x[off]);
-      const float mean = static_cast<float>(shift + sum_span(x + off, M, shift) / static_cast<double>(M));
-      const double var = sqdev_span(x + off, M, mean) / static_cast<double>(M);
-      const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
-      for (int64_t cc = 0; cc < Cg; ++cc) {
-        const int64_t c = g * Cg + cc;
-        affine_row(x + off + cc * S, y + off + cc * S, S, mean, rstd * w[c], b[c], silu);
+      const T* xg = x + (n * C + g * Cg) * S;
+      T* yg = y + (n * C + g * Cg) * S;
+      for (int64_t c = 0; c < Cg; ++c) {
+        shift[c] = static_cast<float>(xg[c * S]);
+        s1[c] = s2[c] = 0.0;
+        shifted_moments(xg + c * S, S, shift[c], s1[c], s2[c]);
       }
+      group_affine(shift.data(), s1.data(), s2.data(), Cg, S, eps, w + g * Cg, b + g * Cg, a.data(), bb.data());
+      for (int64_t c = 0; c < Cg; ++c) affine_row(xg + c * S, yg + c * S, S, shift[c], a[c], bb[c], silu);
     }
   });
 }
 
-// acc[c] += x[c] - ref[c] (pass 1, ref = a per-channel sample) or (x[c] - ref[c])^2
-// (pass 2, ref = group mean) over C channels.
+// Adds the kV lanes of v to dst[0..kV) (double).
+inline void add_lanes(const Vec& v, double* dst) {
+  float tmp[kV];
+  v.store(tmp);
+  for (int64_t i = 0; i < kV; ++i) dst[i] += tmp[i];
+}
+
+// Shifted per-channel moments of `rows` rows of C channels (row stride C), added to s1[C],
+// s2[C].  Blocks of 64 rows x 16 channels are summed in registers (each 16-channel slice of
+// a row is one cache line), then folded into double.
 template <typename T>
-inline void accumulate_channels(const T* x, float* acc, const float* mean, int64_t C, bool square) {
-  int64_t c = 0;
-  if (!square) {
-    for (; c + kV <= C; c += kV) (Vec::loadu(acc + c) + (load_f(x + c) - Vec::loadu(mean + c))).store(acc + c);
-    for (; c < C; ++c) acc[c] += static_cast<float>(x[c]) - mean[c];
-  } else {
+void channel_moments(const T* x, int64_t rows, int64_t C, const float* shift, double* s1, double* s2) {
+  constexpr int64_t kRows = 64;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    const T* xb = x + r0 * C;
+    const int64_t nr = std::min(kRows, rows - r0);
+    int64_t c = 0;
+    for (; c + 2 * kV <= C; c += 2 * kV) {
+      const Vec h0 = Vec::loadu(shift + c), h1 = Vec::loadu(shift + c + kV);
+      Vec a0(0.0f), a1(0.0f), q0(0.0f), q1(0.0f);
+      for (int64_t r = 0; r < nr; ++r) {
+        const Vec d0 = load_f(xb + r * C + c) - h0, d1 = load_f(xb + r * C + c + kV) - h1;
+        a0 += d0;
+        a1 += d1;
+        q0 = at::vec::fmadd(d0, d0, q0);
+        q1 = at::vec::fmadd(d1, d1, q1);
+      }
+      add_lanes(a0, s1 + c), add_lanes(a1, s1 + c + kV), add_lanes(q0, s2 + c), add_lanes(q1, s2 + c + kV);
+    }
     for (; c + kV <= C; c += kV) {
-      Vec d = load_f(x + c) - Vec::loadu(mean + c);
-      at::vec::fmadd(d, d, Vec::loadu(acc + c)).store(acc + c);
+      const Vec h = Vec::loadu(shift + c);
+      Vec a0(0.0f), q0(0.0f);
+      for (int64_t r = 0; r < nr; ++r) {
+        const Vec d = load_f(xb + r * C + c) - h;
+        a0 += d;
+        q0 = at::vec::fmadd(d, d, q0);
+      }
+      add_lanes(a0, s1 + c), add_lanes(q0, s2 + c);
     }
-    for (; c < C; ++c) {
-      float d = static_cast<float>(x[c]) - mean[c];
-      acc[c] += d * d;
-    }
+    for (; c < C; ++c)
+      for (int64_t r = 0; r < nr; ++r) {
+        const double d = static_cast<double>(static_cast<float>(xb[r * C + c]) - shift[c]);
+        s1[c] += d;
+        s2[c] += d * d;
+      }
   }
 }
 
-// (N, S, C) contiguous (channels_last): per-channel partial sums over row chunks, reduced
-// per group; two passes (mean, then squared deviations) for accuracy, then the affine pass.
+// (N, S, C) contiguous (channels_last): per-channel moments over K row chunks per sample (in
+// parallel), merged per group, then the affine pass over rows.
 template <typename T>
 void group_norm_cl(const T* x, T* y, const float* w, const float* b, int64_t N, int64_t C, int64_t S,
                    int64_t G, double eps, bool silu) {
   const int64_t Cg = C / G;
   const int64_t threads = at::get_num_threads();
-  const int64_t K = std::max<int64_t>(1, std::min<int64_t>(S, (4 * threads + N - 1) / N));
-  std::vector<float> partial(static_cast<size_t>(N * K * C));
-  std::vector<float> chan_mean(static_cast<size_t>(N * C)), chan_shift(static_cast<size_t>(N * C));
+  const int64_t K = threads == 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(S, (4 * threads + N - 1) / N));
+  std::vector<float> shift(N * C), a(N * C), bb(N * C);
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) chan_shift[n * C + c] = static_cast<float>(x[n * S * C + c]);
-  std::vector<float> scale(static_cast<size_t>(N * C)), shift(static_cast<size_t>(N * C));
-  std::vector<double> group_mean(static_cast<size_t>(N * G));
-
-  auto pass = [&](bool second) {
-    std::fill(partial.begin(), partial.end(), 0.0f);
-    at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / K, k = t % K;
-        const int64_t r0 = k * S / K, r1 = (k + 1) * S / K;
-        float* acc = partial.data() + t * C;
-        const float* ref = (second ? chan_mean.data() : chan_shift.data()) + n * C;
-        for (int64_t r = r0; r < r1; ++r) accumulate_channels(x + (n * S + r) * C, acc, ref, C, second);
-      }
-    });
-  };
-  auto group_sums = [&](int64_t n, int64_t g) {
-    double s = 0.0;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) s += partial[(n * K + k) * C + c];
-    return s;
-  };
-
-  const double M = static_cast<double>(Cg * S);
-  pass(false);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t g = 0; g < G; ++g) {
-      double shifted = 0.0;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) shifted += static_cast<double>(chan_shift[n * C + c]) * S;
-      group_mean[n * G + g] = (shifted + group_sums(n, g)) / M;
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) chan_mean[n * C + c] = static_cast<float>(group_mean[n * G + g]);
+    for (int64_t c = 0; c < C; ++c) shift[n * C + c] = static_cast<float>(x[n * S * C + c]);  // row 0
+  std::vector<double> part(2 * N * K * C, 0.0);  // (N, K, {s1, s2}, C)
+  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / K, k = t % K, r0 = k * S / K, r1 = (k + 1) * S / K;
+      double* p = part.data() + 2 * t * C;
+      channel_moments(x + (n * S + r0) * C, r1 - r0, C, shift.data() + n * C, p, p + C);
     }
-  pass(true);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t g = 0; g < G; ++g) {
-      const float rstd = static_cast<float>(1.0 / std::sqrt(group_sums(n, g) / M + eps));
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        scale[n * C + c] = rstd * w[c];
-        shift[n * C + c] = b[c];
-      }
+  });
+  std::vector<double> s1(C), s2(C);
+  for (int64_t n = 0; n < N; ++n) {
+    std::fill(s1.begin(), s1.end(), 0.0);
+    std::fill(s2.begin(), s2.end(), 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double* p = part.data() + 2 * (n * K + k) * C;
+      for (int64_t c = 0; c < C; ++c) s1[c] += p[c], s2[c] += p[C + c];
     }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t c0 = g * Cg, o = n * C + c0;
+      group_affine(shift.data() + o, s1.data() + c0, s2.data() + c0, Cg, S, eps, w + c0, b + c0, a.data() + o,
+                   bb.data() + o);
+    }
+  }
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, N * S, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / S;
-      affine_channels(x + r * C, y + r * C, chan_mean.data() + n * C, scale.data() + n * C, shift.data() + n * C, C,
-                      silu);
+      const int64_t o = (r / S) * C;
+      affine_channels(x + r * C, y + r * C, shift.data() + o, a.data() + o, bb.data() + o, C, silu);
     }
   });
 }
@@ -247,20 +305,67 @@ at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t groups, const std::opt
 // Flash-style: each task owns a block of up to BQ query rows of one (b, h) and streams key /
 // value blocks of up to BK rows, keeping a running row max m, normaliser l and an fp32
 // accumulator, so the full (Lq, Lk) score matrix is never materialised.  Both products are
-// fp32 BLAS calls (cpublas::brgemm: oneDNN / MKL underneath):
-//   S   (rows, cols) = Qs (rows, D) . Kt[:, k0:k0+cols]     Kt = K^T, (D, Lk), packed per (b, h)
-//   Acc (rows, D)   += P (rows, cols) . Vw[k0:k0+cols, :]    Vw = V * w[:, None] (fp32)
-// Scaling the value rows by w equals scaling the columns of P; the softmax normaliser l
-// excludes w.
+// fp32 BLAS GEMMs:
+//   S   (rows, cols) = Qs (rows, D) . K[k0:k0+cols, :]^T      Qs = q * scale
+//   Acc (rows, D)   += P (rows, cols) . V[k0:k0+cols, :]       P = exp(S - m)
+// Value weights scale the rows of V (equivalent to scaling the columns of P) in an fp32 copy
+// made once per (b, h); the softmax normaliser l excludes them.  fp16 / bf16 K and V are
+// converted to such fp32 copies too.
 
-constexpr int64_t kBK = 512;            // key block (max)
-constexpr int64_t kScoreBlock = 128 * 512;  // floats in the per-thread score buffer S
+// The BLAS torch links (MKL / OpenBLAS export the Fortran symbol, 32-bit ints as in
+// ATen/native/CPUBlas.cpp).  Weak: when absent, gemm_rm falls back to at::mm.
+#if defined(__GNUC__) && !defined(_WIN32)
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+inline bool have_sgemm() { return sgemm_ != nullptr; }
+// Our tasks' GEMMs are small and must run on the calling thread: MKL would otherwise thread
+// each of them (torch turns MKL's dynamic threading off), oversubscribing the cores inside a
+// parallel_for and slowing the serial case.  MKL's C API (by value); absent for other BLAS.
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+// Single-threaded MKL on this thread while alive (restores the previous local setting).
+struct SerialBlasGuard {
+  int prev = -1;
+  SerialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlasGuard() {
+    if (prev >= 0) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+#else
+struct SerialBlasGuard {};
+inline bool have_sgemm() { return false; }
+#endif
 
-// C (M, N) = A (M, K) . B (K, N) (+ C when accumulate); row-major fp32 with leading dims.
-inline void gemm_rm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                    float* C, int64_t ldc, bool accumulate) {
-  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C);
+// C (M, N) = A (M, K) . op(B) (+ C when accumulate), all row-major fp32 with leading dims;
+// op(B) = B for B (K, N), or B^T for B (N, K) when trans_b.
+inline void gemm_rm(bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+#if defined(__GNUC__) && !defined(_WIN32)
+  if (have_sgemm()) {
+    // column-major view: C^T (N, M) = op(B)^T (N, K) . A^T (K, M)
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    sgemm_(trans_b ? "T" : "N", "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+#endif
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor a = at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
+  const at::Tensor b = trans_b ? at::from_blob(const_cast<float*>(B), {N, K}, {ldb, 1}, opts).t()
+                               : at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
 }
+
+constexpr int64_t kBK = 512;                // key block (max)
+constexpr int64_t kScoreBlock = 256 * 512;  // floats in the per-thread score buffer S
 
 struct AttnParams {
   int64_t B, H, Lq, Lk, D;
@@ -271,42 +376,40 @@ struct AttnParams {
   float scale;
 };
 
-// max(init, s[0..n)); four accumulators hide the latency of the (NaN-propagating) max.
+// max(init, s[0..n)); four accumulators hide the max latency.  A NaN score may be dropped
+// here but still reaches the output through exp(NaN - max).
 inline float row_max(const float* s, int64_t n, float init) {
   Vec m0(init), m1(init), m2(init), m3(init);
   int64_t j = 0;
   for (; j + 4 * kV <= n; j += 4 * kV) {
-    m0 = at::vec::maximum(m0, Vec::loadu(s + j));
-    m1 = at::vec::maximum(m1, Vec::loadu(s + j + kV));
-    m2 = at::vec::maximum(m2, Vec::loadu(s + j + 2 * kV));
-    m3 = at::vec::maximum(m3, Vec::loadu(s + j + 3 * kV));
+    m0 = vmax(m0, Vec::loadu(s + j));
+    m1 = vmax(m1, Vec::loadu(s + j + kV));
+    m2 = vmax(m2, Vec::loadu(s + j + 2 * kV));
+    m3 = vmax(m3, Vec::loadu(s + j + 3 * kV));
   }
-  for (; j + kV <= n; j += kV) m0 = at::vec::maximum(m0, Vec::loadu(s + j));
-  const Vec mv = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
-  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, mv);
+  for (; j + kV <= n; j += kV) m0 = vmax(m0, Vec::loadu(s + j));
+  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return vmax(a, c); }, vmax(vmax(m0, m1), vmax(m2, m3)));
   for (; j < n; ++j) mx = std::max(mx, s[j]);
   return mx;
 }
 
-// s[j] = exp(s[j] - mx) in place; returns the sum.  exp_u20 is the fast polynomial exp that
-// torch's own CPU flash attention uses (a few ulp).
+// s[j] = exp(s[j] - mx) in place; returns the sum.
 inline float exp_sum_inplace(float* s, int64_t n, float mx) {
   const Vec vmx(mx);
-  Vec sum0(0.0f), sum1(0.0f);
+  Vec vsum(0.0f);  // one accumulator: a second one gets spilled (16 ymm registers)
   int64_t j = 0;
   for (; j + 2 * kV <= n; j += 2 * kV) {
-    const Vec e0 = (Vec::loadu(s + j) - vmx).exp_u20(), e1 = (Vec::loadu(s + j + kV) - vmx).exp_u20();
-    sum0 += e0;
-    sum1 += e1;
+    const Vec e0 = fast_exp<false>(Vec::loadu(s + j) - vmx), e1 = fast_exp<false>(Vec::loadu(s + j + kV) - vmx);
+    vsum += e0 + e1;
     e0.store(s + j);
     e1.store(s + j + kV);
   }
   for (; j + kV <= n; j += kV) {
-    const Vec e = (Vec::loadu(s + j) - vmx).exp_u20();
-    sum0 += e;
+    const Vec e = fast_exp<false>(Vec::loadu(s + j) - vmx);
+    vsum += e;
     e.store(s + j);
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, sum0 + sum1);
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, vsum);
   for (; j < n; ++j) {
     s[j] = std::exp(s[j] - mx);
     sum += s[j];
@@ -314,6 +417,7 @@ inline float exp_sum_inplace(float* s, int64_t n, float mx) {
   return sum;
 }
 
+// dst[0..n) = src[0..n) * mul in fp32.
 template <typename T>
 inline void convert_row(const T* src, float* dst, int64_t n, float mul) {
   const Vec vm(mul);
@@ -324,64 +428,59 @@ inline void convert_row(const T* src, float* dst, int64_t n, float mul) {
 
 template <typename T>
 void attention_cpu_kernel(const T* q, const T* k, const T* v, T* out, const AttnParams& p) {
-  static const int64_t kBKe = getenv("SDF_BK") ? atoi(getenv("SDF_BK")) : kBK;
-  static const int64_t kSB = getenv("SDF_SB") ? atoi(getenv("SDF_SB")) : kScoreBlock;
-  static const int64_t kMode = getenv("SDF_MODE") ? atoi(getenv("SDF_MODE")) : 0;
-  const int64_t D = p.D, Lk = p.Lk, BK = std::min(kBKe, Lk);
+  const int64_t D = p.D, Lk = p.Lk, BK = std::min(kBK, Lk);
   // Query block: fill the score buffer (large blocks amortise the per-call GEMM overhead when
   // Lk is short, e.g. 77 text tokens), but keep a few tasks per thread for load balance.
-  int64_t BQ = std::clamp<int64_t>(kSB / BK, 32, 512);
-  BQ = std::min(BQ, p.Lq);
+  int64_t BQ = std::min(std::clamp<int64_t>(kScoreBlock / BK, 32, 1024), p.Lq);
   const int64_t tasks_wanted = 4 * static_cast<int64_t>(at::get_num_threads());
   while (BQ > 32 && p.B * p.H * ((p.Lq + BQ - 1) / BQ) < tasks_wanted) BQ = (BQ + 1) / 2;
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
-  // fp32 values without weights are read in place; otherwise converted / weighted per (b, h).
-  const bool v_in_place = std::is_same_v<T, float> && p.w == nullptr;
+  // fp32 K / V are read in place (V only without weights) when their row stride is a valid
+  // BLAS leading dimension (>= D, fits an int; not e.g. a stride-0 expand); otherwise fp32
+  // copies are made per (b, h).
+  constexpr bool is_f32 = std::is_same_v<T, float>;
+  const auto ld_ok = [&](int64_t ld) { return ld >= D && ld <= std::numeric_limits<int>::max(); };
+  const bool k_in_place = is_f32 && ld_ok(p.k_sl);
+  const bool v_in_place = is_f32 && p.w == nullptr && ld_ok(p.v_sl);
 
   at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> Kt(D * Lk), Vw(v_in_place ? 0 : Lk * D);
+    const SerialBlasGuard serial_blas;
+    std::vector<float> Kc(k_in_place ? 0 : Lk * D), Vc(v_in_place ? 0 : Lk * D);
     std::vector<float> Qs(BQ * D), S(BQ * BK), Acc(BQ * D), m(BQ), l(BQ);
-    int64_t packed_bh = -1;
+    int64_t copied_bh = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, qb = t % nqb, b = bh / p.H, h = bh % p.H;
       const int64_t q0 = qb * BQ, rows = std::min(BQ, p.Lq - q0);
       const T* kbase = k + b * p.k_sb + h * p.k_sh;
       const T* vbase = v + b * p.v_sb + h * p.v_sh;
-      // Pack K^T (and weighted fp32 V) once per (b, h); a thread's tasks are consecutive.
-      if (bh != packed_bh) {
-        packed_bh = bh;
-        constexpr int64_t kTile = 16;  // 16 key rows -> one cache line per Kt row
-        for (int64_t j0 = 0; j0 < Lk; j0 += kTile) {
-          const int64_t nj = std::min(kTile, Lk - j0);
-          for (int64_t d = 0; d < D; ++d)
-            for (int64_t j = 0; j < nj; ++j) Kt[d * Lk + j0 + j] = static_cast<float>(kbase[(j0 + j) * p.k_sl + d]);
-        }
+      // fp32 copies once per (b, h): a thread's tasks are consecutive, so usually once per task run
+      if (bh != copied_bh) {
+        copied_bh = bh;
+        if (!k_in_place)
+          for (int64_t j = 0; j < Lk; ++j) convert_row(kbase + j * p.k_sl, Kc.data() + j * D, D, 1.0f);
         if (!v_in_place) {
           const float* wrow = p.w ? p.w + b * Lk : nullptr;
-          for (int64_t j = 0; j < Lk; ++j) convert_row(vbase + j * p.v_sl, Vw.data() + j * D, D, wrow ? wrow[j] : 1.0f);
+          for (int64_t j = 0; j < Lk; ++j) convert_row(vbase + j * p.v_sl, Vc.data() + j * D, D, wrow ? wrow[j] : 1.0f);
         }
       }
-      const float* Vp;
-      int64_t ldv;
-      if constexpr (std::is_same_v<T, float>) {
-        Vp = v_in_place ? vbase : Vw.data();
-        ldv = v_in_place ? p.v_sl : D;
-      } else {
-        Vp = Vw.data();
-        ldv = D;
+      const float *Kp = Kc.data(), *Vp = Vc.data();
+      int64_t ldk = D, ldv = D;
+      if constexpr (is_f32) {
+        if (k_in_place) Kp = kbase, ldk = p.k_sl;
+        if (v_in_place) Vp = vbase, ldv = p.v_sl;
       }
-      // Qs = q block * scale (fp32): scaling q once is cheaper than scaling every score.
+      // Qs = q block * scale in fp32: scaling q once is cheaper than scaling every score
       const T* qbase = q + b * p.q_sb + h * p.q_sh + q0 * p.q_sl;
       for (int64_t i = 0; i < rows; ++i) convert_row(qbase + i * p.q_sl, Qs.data() + i * D, D, p.scale);
 
       for (int64_t k0 = 0; k0 < Lk; k0 += BK) {
         const int64_t cols = std::min(BK, Lk - k0);
         const bool first = k0 == 0;
-        if (kMode != 2 && kMode != 3) gemm_rm(rows, cols, D, Qs.data(), D, Kt.data() + k0, Lk, S.data(), BK, false);
-        if (kMode != 1) for (int64_t i = 0; i < rows; ++i) {
+        gemm_rm(true, rows, cols, D, Qs.data(), D, Kp + k0 * ldk, ldk, S.data(), BK, false);
+        for (int64_t i = 0; i < rows; ++i) {
           float* s = S.data() + i * BK;
           const float m_new = row_max(s, cols, first ? -std::numeric_limits<float>::infinity() : m[i]);
-          const float sum = kMode == 3 ? 1.0f : exp_sum_inplace(s, cols, m_new);
+          const float sum = exp_sum_inplace(s, cols, m_new);
           if (first) {
             l[i] = sum;
           } else {
@@ -398,7 +497,7 @@ void attention_cpu_kernel(const T* q, const T* k, const T* v, T* out, const Attn
           m[i] = m_new;
         }
         // the first block overwrites Acc, later ones accumulate
-        if (kMode != 2 && kMode != 3) gemm_rm(rows, D, cols, S.data(), BK, Vp + k0 * ldv, ldv, Acc.data(), D, !first);
+        gemm_rm(false, rows, D, cols, S.data(), BK, Vp + k0 * ldv, ldv, Acc.data(), D, !first);
       }
       T* obase = out + ((b * p.H + h) * p.Lq + q0) * D;
       for (int64_t i = 0; i < rows; ++i) {
