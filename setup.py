@@ -39,6 +39,12 @@ def extensions() -> list:
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # no -std flag: torch adds the standard its headers need (C++17 up to 2.13, C++20 from 2.14)
     cxx = ["-O3", "-fvisibility=hidden", *_cpu_simd_flags()]
+    link: list = []
+    if platform.system() == "Linux":
+        # at::parallel_for is inline OpenMP: without -fopenmp it silently runs on one thread. The
+        # soname libgomp.so.1 resolves to the copy torch has already loaded, so there is one runtime.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if _want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -47,10 +53,12 @@ def extensions() -> list:
                 "runtime._C",
                 sources,
                 extra_compile_args={"cxx": [*cxx, "-DSDFUSED_WITH_CUDA"], "nvcc": nvcc},
+                extra_link_args=link,
                 py_limited_api=True,
             )
         ]
-    return [CppExtension("runtime._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)]
+    return [CppExtension("runtime._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+                         py_limited_api=True)]
 
 
 setup(
