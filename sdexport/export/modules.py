@@ -54,12 +54,12 @@ class VAEMoments(nn.Module):
 
 
 def _dim(name: str, lo: int, hi: int) -> Any:
-    """A dynamic dimension, or None (static) when the range holds one value."""
-    return None if lo == hi else Dim(name, min=lo, max=hi)
+    """A dynamic dimension, or a static one when the range holds one value."""
+    return Dim.STATIC if lo == hi else Dim(name, min=lo, max=hi)
 
 
 def _times(d: Any, k: int) -> Any:
-    return None if d is None else d * k
+    return d if d is Dim.STATIC else d * k
 
 
 @dataclass(frozen=True)
