@@ -78,6 +78,8 @@ if [[ " $PHASES " == *" aoti "* ]]; then
   step "bench sd15 with the aoti artifact"
   "$PY" -m sdexport.cli bench sd15 --device cuda --half --steps 30 --repeat 10 --backends sdpa,fused \
     --no-diffusers --artifact /tmp/sd15-aoti --json "$RES/bench_sd15_aoti.json" || rc=1
+  step "profile of the compiled UNet step"
+  "$PY" scripts/profile_unet.py sd15 --device cuda --half --size 512 --artifact /tmp/sd15-aoti --rows 25 || rc=1
 fi
 
 step "done (rc=$rc)"
