@@ -32,6 +32,15 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))  # type: ignore[no-any-return]
 
 
+def _transformers(cfg: UNetConfig, channels: int, heads: int, num_layers: int) -> nn.ModuleList:
+    """One cross-attention transformer per resnet of a block level."""
+    return nn.ModuleList(
+        Transformer2D(channels, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection,
+                      cfg.upcast_attention)
+        for _ in range(num_layers)
+    )
+
+
 class DownBlock(nn.Module):
     """``CrossAttnDownBlock2D`` (``cross_attention=True``) or ``DownBlock2D``.
 
@@ -58,23 +67,7 @@ class DownBlock(nn.Module):
                 for i in range(num_layers)
             ]
         )
-        self.attentions = (
-            nn.ModuleList(
-                [
-                    Transformer2D(
-                        out_channels,
-                        heads,
-                        cfg.cross_attention_dim,
-                        g,
-                        cfg.use_linear_projection,
-                        cfg.upcast_attention,
-                    )
-                    for _ in range(num_layers)
-                ]
-            )
-            if cross_attention
-            else None
-        )
+        self.attentions = _transformers(cfg, out_channels, heads, num_layers) if cross_attention else None
         self.downsamplers = (
             nn.ModuleList([Downsample2D(out_channels, cfg.downsample_padding)]) if downsample else None
         )
@@ -121,23 +114,7 @@ class UpBlock(nn.Module):
             res_in = prev_channels if i == 0 else out_channels
             resnets.append(ResnetBlock2D(res_in + skip_ch, out_channels, cfg.time_embed_dim, g, eps))
         self.resnets = nn.ModuleList(resnets)
-        self.attentions = (
-            nn.ModuleList(
-                [
-                    Transformer2D(
-                        out_channels,
-                        heads,
-                        cfg.cross_attention_dim,
-                        g,
-                        cfg.use_linear_projection,
-                        cfg.upcast_attention,
-                    )
-                    for _ in range(num_layers)
-                ]
-            )
-            if cross_attention
-            else None
-        )
+        self.attentions = _transformers(cfg, out_channels, heads, num_layers) if cross_attention else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
 
     def forward(
