@@ -286,3 +286,7 @@ def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, widt
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
         click.echo(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -266,3 +266,16 @@ def test_killed_build_leaves_no_artifact(sd1_folder: Path, tmp_path: Path) -> No
     sd = StableDiffusion.from_pretrained(sd1_folder)
     build(sd, out, BuildOptions(format="pt2", kernels="native", **OPTIONS))  # type: ignore[arg-type]
     assert (out / "manifest.json").exists() and not list(tmp_path.glob(".killed.tmp-*"))
+
+
+def test_half_artifact_is_within_fp16_tolerance_of_fp32(sd1_folder: Path, tmp_path: Path) -> None:
+    """--half (fp16 weights and compute), checked on the CPU here; the GPU run is in scripts/gpu_check.sh."""
+    sd = StableDiffusion.from_pretrained(sd1_folder)
+    lat = _jobs()["lat1"]
+    ref = sd.text2img("a (red):1.3 fox", steps=3, height=64, width=64, latents=lat, output="tensor")
+    art = sd.export(tmp_path / "half", format="pt2", half=True, kernels=_kernels(), **OPTIONS)
+    pipe = runtime.load(art)
+    assert pipe.backend.dtype == torch.float16
+    out = pipe.text2img("a (red):1.3 fox", steps=3, height=64, width=64, latents=lat, output="tensor")
+    assert isinstance(out, torch.Tensor) and torch.isfinite(out).all()
+    assert (out - ref).abs().max().item() <= 2e-2

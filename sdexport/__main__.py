@@ -1,0 +1,5 @@
+"""`python -m sdexport ...` = the `sdexport` command."""
+
+from sdexport.cli import main
+
+main()
