@@ -134,13 +134,17 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> Any:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"tokenizer file missing: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerFileError(f"cannot read tokenizer file {path}: {e}") from e
+
+
+def _read_json(path: Path) -> Any:
+    text = _read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -148,12 +152,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"tokenizer file missing: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerFileError(f"cannot read tokenizer file {path}: {e}") from e
+    text = _read_text(path)
     merges: list[tuple[str, str]] = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip() or (lineno == 1 and line.startswith("#version")):

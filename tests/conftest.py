@@ -58,6 +58,22 @@ def make_diffusers_folder(kind: str, root: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tok() -> Any:
+    """The bundled CLIP tokenizer with SD 1 padding (end token)."""
+    from runtime.tokenizer import ClipTokenizer
+
+    return ClipTokenizer.bundled()
+
+
+@pytest.fixture(scope="session")
+def tok_sd2() -> Any:
+    """The bundled CLIP tokenizer with SD 2 padding ("!" = id 0)."""
+    from runtime.tokenizer import ClipTokenizer
+
+    return ClipTokenizer.bundled(pad="!")
+
+
+@pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 

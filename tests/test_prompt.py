@@ -271,14 +271,6 @@ def test_word_factor_weights(words: list[tuple[str, float]]) -> None:
 # ============================================================================= encoding
 
 
-@pytest.fixture(scope="module")
-def tok() -> ClipTokenizer:
-    return ClipTokenizer.bundled()
-
-
-@pytest.fixture(scope="module")
-def tok_sd2() -> ClipTokenizer:
-    return ClipTokenizer.bundled(pad="!")
 
 
 def _chunks(enc: EncodedPrompt) -> list[list[int]]:

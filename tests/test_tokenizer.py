@@ -43,14 +43,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok() -> ClipTokenizer:
-    return ClipTokenizer.bundled()
-
-
-@pytest.fixture(scope="module")
-def tok_sd2() -> ClipTokenizer:
-    return ClipTokenizer.bundled(pad="!")
 
 
 @pytest.fixture(scope="module")

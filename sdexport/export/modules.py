@@ -18,7 +18,7 @@ from torch.export import Dim
 
 from sdexport.models.text_encoder import TextEncoder
 from sdexport.models.unet import UNet
-from sdexport.models.vae import VAE, VAEDecode
+from sdexport.models.vae import VAEDecode, VAEMoments
 
 __all__ = ["ShapeSpec", "TextEncode", "UNetStep", "VAEDecode", "VAEMoments"]
 
@@ -41,16 +41,6 @@ class TextEncode(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         out: Tensor = self.text_encoder(ids)
         return out
-
-
-class VAEMoments(nn.Module):
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image: Tensor) -> Tensor:
-        mean, logvar = self.vae.moments(image)
-        return torch.cat([mean, logvar], dim=1)
 
 
 def _dim(name: str, lo: int, hi: int) -> Any:

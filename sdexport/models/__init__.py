@@ -4,7 +4,7 @@ from .config import TextEncoderConfig, UNetConfig, VAEConfig
 from .layers import GEGLU, AttentionOp, Backend, GroupNorm, set_attention_chunks, set_backend
 from .text_encoder import TextEncoder, strip_text_model_prefix
 from .unet import UNet
-from .vae import VAE, VAEDecode, VAEEncode, VAEEncodeMean
+from .vae import VAE, VAEDecode, VAEMoments
 
 __all__ = [
     "GEGLU",
@@ -18,8 +18,7 @@ __all__ = [
     "UNetConfig",
     "VAEConfig",
     "VAEDecode",
-    "VAEEncode",
-    "VAEEncodeMean",
+    "VAEMoments",
     "set_attention_chunks",
     "set_backend",
     "strip_text_model_prefix",

@@ -17,7 +17,7 @@ from .config import VAEConfig
 from .layers import GroupNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
-__all__ = ["VAE", "Decoder", "Encoder", "VAEDecode", "VAEEncode", "VAEEncodeMean"]
+__all__ = ["VAE", "Decoder", "Encoder", "VAEDecode", "VAEMoments"]
 
 _EPS = 1e-6
 
@@ -190,23 +190,14 @@ class VAEDecode(nn.Module):
         return self.vae.decode(z)
 
 
-class VAEEncodeMean(nn.Module):
-    """Exportable ``forward(x) = vae.encode_mean(x)``."""
+class VAEMoments(nn.Module):
+    """Exportable ``forward(x) = cat(mean, logvar)`` (B, 2*latent, h, w): what an artifact's VAE encoder
+    returns; the caller draws the posterior sample (so the noise comes from its own generators)."""
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode_mean(x)
-
-
-class VAEEncode(nn.Module):
-    """Exportable ``forward(x, noise) = vae.encode(x, noise)``."""
-
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x, noise)
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        mean, logvar = self.vae.moments(image)
+        return torch.cat([mean, logvar], dim=1)
