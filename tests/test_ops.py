@@ -566,3 +566,217 @@ def test_cuda_export_runs() -> None:
     ep = torch.export.export(m, inputs)
     with torch.no_grad():
         assert _max_err(ep.module()(*inputs), _tiny_reference(m, *inputs)) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA edge cases: odd lengths and tails, every head-dim tile (and the SIMT fallback), unaligned
+# and strided inputs (scalar-load paths), channels_last(_3d), empty tensors, graph capture.
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _check_cuda(ours: torch.Tensor, composite: torch.Tensor, ref: torch.Tensor, fp32_tol: float = 1e-4) -> None:
+    """fp32: close to the (double or fp32) reference; half: within 2x of the composite's error."""
+    assert ours.shape == ref.shape and ours.device == ref.device
+    assert torch.isfinite(ours).all()
+    if ours.dtype == torch.float32:
+        assert _max_err(ours, ref) <= fp32_tol
+    else:
+        _assert_half_ok(ours, composite, ref.float())
+
+
+def _cast_keep_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype` with the same sizes, strides and storage offset (so the same alignment)."""
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride(), strict=True)):  # expanded dims
+        idx = tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())
+        return _cast_keep_layout(t[idx], dtype).expand(t.shape)
+    extent = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1
+    out = torch.zeros(extent, dtype=dtype, device=t.device).as_strided(t.shape, t.stride(), t.storage_offset())
+    out.copy_(t)
+    return out
+
+
+def _attn_case(
+    dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None
+) -> None:
+    """q, k, v: fp32 CUDA tensors of any layout; runs the op on `dtype` copies of the same layout."""
+    d = q.shape[-1]
+    scale = d**-0.5
+    ref = ops.reference_attention(q.double(), k.double(), v.double(), scale, w.double() if w is not None else None)
+    qh, kh, vh = (_cast_keep_layout(t, dtype) for t in (q, k, v))
+    assert qh.stride() == q.stride() and qh.storage_offset() == q.storage_offset()
+    vw = vh * w.to(dtype)[:, None, :, None] if w is not None else vh
+    comp = F.scaled_dot_product_attention(qh, kh, vw, scale=scale)
+    out = ops.attention(qh, kh, vh, scale, w)
+    assert out.dtype == dtype and out.is_contiguous()
+    _check_cuda(out, comp, ref)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize(
+    ("b", "h", "lq", "lk", "d"),
+    [
+        (1, 2, 1, 1, 40),  # single query, single key
+        (2, 3, 65, 1, 80),  # one key: every key tile is a 1-row tail
+        (1, 2, 4097, 77, 40),  # query tail of 1 row, 77 text tokens
+        (2, 2, 63, 129, 160),  # Lk = 2 tiles + 1
+        (1, 3, 17, 33, 7),  # D not a multiple of 8: scalar loads, DP = 48
+        (1, 2, 40, 100, 33),  # odd D
+        (1, 2, 70, 70, 64),
+        (1, 2, 31, 95, 96),  # DP = 128
+        (1, 2, 19, 50, 200),  # D > 160: SIMT fallback for half too
+    ],
+)
+def test_attention_cuda_edges(dtype: torch.dtype, b: int, h: int, lq: int, lk: int, d: int) -> None:
+    _seed(16)
+    q = torch.randn(b, h, lq, d, device="cuda")
+    k = torch.randn(b, h, lk, d, device="cuda")
+    v = torch.randn(b, h, lk, d, device="cuda")
+    w = torch.rand(b, lk, device="cuda") * 2.5 - 1.0  # includes negatives
+    _attn_case(dtype, q, k, v, w)
+    _attn_case(dtype, q, k, v, None)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("d", [40, 80, 160])
+def test_attention_cuda_layouts(dtype: torch.dtype, d: int) -> None:
+    _seed(17)
+    b, h, lq, lk = 2, 4, 130, 77
+    # (B, L, H, D) -> (B, H, L, D) views (fused projection layout), k / v from one packed buffer
+    q = torch.randn(b, lq, h, d, device="cuda").transpose(1, 2)
+    kv = torch.randn(b, lk, 2, h, d, device="cuda")
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    w = torch.rand(lk, b, device="cuda").t() * 2 - 0.5  # non-contiguous weights
+    _attn_case(dtype, q, k, v, w)
+    # data pointers off the 16-byte grid (storage offset of one element): scalar-load path
+    buf = torch.randn(b * h * lq * d + 1, device="cuda")
+    q_off = buf[1:].view(b, h, lq, d)
+    _attn_case(dtype, q_off, k, v, None)
+    # head dim not unit-stride: made contiguous by the host code
+    q_t = torch.randn(b, h, d, lq, device="cuda").transpose(2, 3)
+    _attn_case(dtype, q_t, k, v, w)
+    # k / v broadcast over heads (stride 0)
+    k1, v1 = torch.randn(b, 1, lk, d, device="cuda"), torch.randn(b, 1, lk, d, device="cuda")
+    _attn_case(dtype, q, k1.expand(b, h, lk, d), v1.expand(b, h, lk, d), w)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize(
+    ("shape", "groups", "layout"),
+    [
+        ((2, 64, 1, 1), 32, "contiguous"),  # HxW = 1
+        ((1, 15, 7, 5), 5, "contiguous"),  # Cg = 3, S = 35: no vector loads
+        ((1, 15, 7, 5), 5, "channels_last"),  # C not a multiple of the vector width
+        ((2, 32, 9, 9), 8, "channels_last"),
+        ((1, 24, 3, 4, 5), 6, "channels_last_3d"),
+        ((1, 16, 10, 12), 4, "transposed"),  # neither layout: made contiguous
+        ((1, 16, 8, 8), 4, "offset"),  # data pointer off the 16-byte grid
+        ((3, 12), 4, "contiguous"),  # 2-d (N, C)
+        ((1, 8, 1024 * 9 + 3), 2, "contiguous"),  # several split blocks per group, odd tail
+    ],
+)
+def test_group_norm_cuda_edges(dtype: torch.dtype, shape: tuple[int, ...], groups: int, layout: str) -> None:
+    _seed(18)
+    x = torch.randn(shape, device="cuda") * 2 + 0.5
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        x = x.to(memory_format=torch.channels_last_3d)
+    elif layout == "transposed":
+        x = x.transpose(2, 3)
+    elif layout == "offset":
+        x = torch.randn(x.numel() + 1, device="cuda")[1:].view(shape) * 2 + 0.5
+    c = shape[1]
+    w, b = torch.randn(c, device="cuda"), torch.randn(c, device="cuda")
+    for weight, bias, silu in [(w, b, True), (None, None, False)]:
+        w64 = weight.double() if weight is not None else None
+        b64 = bias.double() if bias is not None else None
+        ref = ops.reference_group_norm(x.double(), groups, w64, b64, 1e-5, silu)
+        xh = _cast_keep_layout(x, dtype)
+        wh = weight.to(dtype) if weight is not None else None
+        bh = bias.to(dtype) if bias is not None else None
+        comp = ops.reference_group_norm(xh, groups, wh, bh, 1e-5, silu)
+        y = ops.group_norm(xh, groups, wh, bh, 1e-5, silu)
+        assert y.dtype == dtype and y.shape == x.shape
+        _check_cuda(y, comp, ref)
+        if layout == "channels_last":
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        elif layout == "channels_last_3d":
+            assert y.is_contiguous(memory_format=torch.channels_last_3d)
+        else:
+            assert y.is_contiguous()
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_geglu_cuda_edges(dtype: torch.dtype) -> None:
+    _seed(19)
+    for x in [
+        torch.randn(7, 2 * 9, device="cuda") * 2,  # F odd: scalar path
+        torch.randn(5, 2 * 40 + 1, device="cuda")[:, 1:] * 2,  # off the 16-byte grid, non-contiguous
+        torch.randn(2 * 64, 6, device="cuda").t() * 2,  # transposed
+        torch.randn(1, 2, device="cuda"),  # F = 1
+    ]:
+        ref = ops.reference_geglu(x.double())
+        xh = _cast_keep_layout(x, dtype)
+        _check_cuda(ops.geglu(xh), ops.reference_geglu(xh), ref, fp32_tol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_empty_inputs_cuda(dtype: torch.dtype) -> None:
+    def r(*s: int) -> torch.Tensor:
+        return torch.randn(*s, device="cuda", dtype=dtype)
+
+    assert ops.group_norm(r(0, 4, 3, 3), 2).shape == (0, 4, 3, 3)
+    assert ops.group_norm(r(2, 4, 0, 3), 2).shape == (2, 4, 0, 3)
+    assert ops.attention(r(1, 2, 0, 40), r(1, 2, 3, 40), r(1, 2, 3, 40), 1.0).shape == (1, 2, 0, 40)
+    assert ops.attention(r(0, 2, 5, 40), r(0, 2, 3, 40), r(0, 2, 3, 40), 1.0).shape == (0, 2, 5, 40)
+    assert ops.geglu(r(0, 8)).shape == (0, 4)
+    assert ops.geglu(r(3, 0)).shape == (3, 0)
+    torch.cuda.synchronize()
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_graph_capture_ops() -> None:
+    _seed(20)
+    q = torch.randn(2, 8, 256, 80, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 8, 77, 80, device="cuda", dtype=torch.float16)
+    w = torch.rand(2, 77, device="cuda") + 0.5
+    x = torch.randn(2, 64, 16, 16, device="cuda", dtype=torch.float16)
+    g = torch.randn(2, 77, 2 * 96, device="cuda", dtype=torch.float16)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        return (
+            ops.attention(q, k, k, None, w),
+            ops.group_norm(x, 32, None, None, 1e-5, True),
+            ops.geglu(g),
+        )
+
+    eager = run()
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up on a side stream, as torch.cuda.graphs recommends
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for t in (q, k, x, g):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = run()
+    for a, b in zip(captured, expected, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(eager, expected, strict=True):
+        assert not torch.equal(a, b)

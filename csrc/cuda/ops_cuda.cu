@@ -238,6 +238,8 @@ at::Tensor group_norm_cuda(const at::Tensor& x_in, int64_t groups, const std::op
   if (x.numel() == 0) return y;
   const at::Tensor w = affine_or(weight, x, 1.0), b = affine_or(bias, x, 0.0);
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
+  TORCH_CHECK(N * groups < (int64_t(1) << 31), "sdfused::group_norm: N * groups = ", N * groups,
+              " exceeds the CUDA grid limit");
   at::Tensor partial = at::empty({N * groups * 64 * 3}, x.options().dtype(at::kFloat));
   at::Tensor ab = at::empty({N * C * 3}, x.options().dtype(at::kFloat));
   GroupNormParams p{x.const_data_ptr(), y.mutable_data_ptr(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
@@ -533,24 +535,33 @@ void launch_attn_wmma(const AttnParams& p, cudaStream_t stream) {
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
-  const int nqt = (p.Lq + kBM - 1) / kBM;
-  kernel<<<static_cast<unsigned>(int64_t(nqt) * p.B * p.H), kAttnThreads, bytes, stream>>>(p);
+  const int64_t nqt = (int64_t(p.Lq) + kBM - 1) / kBM;
+  kernel<<<static_cast<unsigned>(nqt * p.B * p.H), kAttnThreads, bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Launches the tensor-core kernel when its tile fits the device's opt-in shared memory
+// (sm_86 / sm_89 allow only ~99 KB, less than the DP = 128 / 160 tiles need); false otherwise.
+template <typename T, int DP>
+bool try_attn_wmma(const AttnParams& p, size_t smem_optin, cudaStream_t stream) {
+  if (AttnSmem<DP>::bytes > smem_optin) return false;
+  launch_attn_wmma<T, DP>(p, stream);
+  return true;
+}
+
 template <typename T>
-void launch_attention(const AttnParams& p, bool tensor_cores, cudaStream_t stream) {
+void launch_attention(const AttnParams& p, bool tensor_cores, size_t smem_optin, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (tensor_cores) {
-      if (p.D <= 48) return launch_attn_wmma<T, 48>(p, stream);
-      if (p.D <= 64) return launch_attn_wmma<T, 64>(p, stream);
-      if (p.D <= 80) return launch_attn_wmma<T, 80>(p, stream);
-      if (p.D <= 128) return launch_attn_wmma<T, 128>(p, stream);
-      if (p.D <= 160) return launch_attn_wmma<T, 160>(p, stream);
+      if (p.D <= 48 && try_attn_wmma<T, 48>(p, smem_optin, stream)) return;
+      if (p.D > 48 && p.D <= 64 && try_attn_wmma<T, 64>(p, smem_optin, stream)) return;
+      if (p.D > 64 && p.D <= 80 && try_attn_wmma<T, 80>(p, smem_optin, stream)) return;
+      if (p.D > 80 && p.D <= 128 && try_attn_wmma<T, 128>(p, smem_optin, stream)) return;
+      if (p.D > 128 && p.D <= 160 && try_attn_wmma<T, 160>(p, smem_optin, stream)) return;
     }
   }
-  const int nqt = (p.Lq + 3) / 4;
-  attn_simt_kernel<T><<<static_cast<unsigned>(int64_t(nqt) * p.B * p.H), 128, 0, stream>>>(p);
+  const int64_t nqt = (int64_t(p.Lq) + 3) / 4;
+  attn_simt_kernel<T><<<static_cast<unsigned>(nqt * p.B * p.H), 128, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -564,12 +575,16 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
   if (out.numel() == 0) return out;
   at::Tensor w;
   if (value_weights.has_value() && value_weights->defined()) w = value_weights->to(at::kFloat).contiguous();
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const bool half = q.scalar_type() != at::kFloat;
-  const bool tensor_cores = half && D <= 160 && at::cuda::getCurrentDeviceProperties()->major >= 8;
-  TORCH_CHECK(tensor_cores || D <= kSimtMaxD, "sdfused::attention: CUDA supports head dim D <= ", kSimtMaxD,
-              " (<= 160 on the tensor-core path), got D=", D);
+  const bool tensor_cores = half && D <= 160 && prop->major >= 8;
+  // The tensor-core path falls back to the SIMT kernel where its tile does not fit shared memory.
+  TORCH_CHECK(D <= kSimtMaxD, "sdfused::attention: CUDA supports head dim D <= ", kSimtMaxD, ", got D=", D);
   TORCH_CHECK(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31),
               "sdfused::attention: sequence length too large");
+  // Both kernels put (B * H * query tiles) on gridDim.x (at most 2^31 - 1 blocks); SIMT tiles are 4 rows.
+  TORCH_CHECK(q.size(0) * q.size(1) * ((q.size(2) + 3) / 4) < (int64_t(1) << 31),
+              "sdfused::attention: B * H * Lq too large for one launch, got q shape ", q.sizes());
   AttnParams p{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), out.mutable_data_ptr(),
                w.defined() ? w.const_data_ptr<float>() : nullptr,
                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -582,7 +597,7 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(q.scalar_type(), "attention", [&](auto tag) {
     using T = typename DevType<decltype(tag)>::type;
-    launch_attention<T>(p, tensor_cores, stream);
+    launch_attention<T>(p, tensor_cores, prop->sharedMemPerBlockOptin, stream);
   });
   return out;
 }
