@@ -123,6 +123,21 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_norm_out(x))  # type: ignore[no-any-return]
 
 
+def _moments(encoder: Encoder, quant_conv: nn.Conv2d | None,
+             x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = encoder(x)
+    if quant_conv is not None:
+        h = quant_conv(h)
+    mean, logvar = h.chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def _decode(post_quant_conv: nn.Conv2d | None, decoder: Decoder, z: torch.Tensor) -> torch.Tensor:
+    if post_quant_conv is not None:
+        z = post_quant_conv(z)
+    return decoder(z)  # type: ignore[no-any-return]
+
+
 class VAE(nn.Module):
     """``AutoencoderKL``: ``encoder`` + ``quant_conv`` and ``post_quant_conv`` + ``decoder``."""
 
@@ -153,11 +168,7 @@ class VAE(nn.Module):
 
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mean, logvar)`` of image ``x`` (in [-1, 1]); logvar clamped to [-30, 20]."""
-        h = self.encoder(x)
-        if self.quant_conv is not None:
-            h = self.quant_conv(h)
-        mean, logvar = h.chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return _moments(self.encoder, self.quant_conv, x)
 
     def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
         """Posterior mean (raw latents, not scaled)."""
@@ -171,33 +182,34 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Image in about [-1, 1] from raw latents (diffusion latents / ``scaling_factor``)."""
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)  # type: ignore[no-any-return]
+        return _decode(self.post_quant_conv, self.decoder, z)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(z)
 
 
 class VAEDecode(nn.Module):
-    """Exportable ``forward(z) = vae.decode(z)``; shares ``vae``'s parameters."""
+    """Exportable ``forward(z) = vae.decode(z)``. Holds (shares) only the decoding half of ``vae``, so an
+    exported decoder carries none of the encoder's weights."""
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
-        self.vae = vae
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z)
+        return _decode(self.post_quant_conv, self.decoder, z)
 
 
 class VAEMoments(nn.Module):
     """Exportable ``forward(x) = cat(mean, logvar)`` (B, 2*latent, h, w): what an artifact's VAE encoder
-    returns; the caller draws the posterior sample (so the noise comes from its own generators)."""
+    returns; the caller draws the posterior sample (so the noise comes from its own generators). Holds
+    (shares) only the encoding half of ``vae``."""
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
-        self.vae = vae
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        mean, logvar = self.vae.moments(image)
-        return torch.cat([mean, logvar], dim=1)
+        return torch.cat(_moments(self.encoder, self.quant_conv, image), dim=1)
