@@ -1,4 +1,4 @@
-"""The `sdexport` command: build, generate, inspect, bench, demo."""
+"""The `sdexport` command: build, refit, generate, inspect, bench, demo."""
 
 from __future__ import annotations
 
@@ -94,6 +94,28 @@ def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str
     close()
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f}s ({stages})")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="new artifact directory (ARTIFACT itself with --force)")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="override (single-file SD 2 768 checkpoints need v_prediction)")
+@click.option("--force", is_flag=True, help="replace an existing directory")
+@_friendly
+def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, force: bool) -> None:
+    """Put MODEL's weights (a fine-tune or merged LoRA of the same architecture) into a copy of ARTIFACT,
+    without recompiling. Works for aoti and pt2 artifacts, whose weights sit beside the program."""
+    from sdexport.export.refit import refit as run_refit
+
+    t0 = time.perf_counter()
+    sd = open_model(model, prediction_type)
+    step, close = _stage_bar("refit")
+    manifest = run_refit(artifact, sd, out, overwrite=force, progress=step)
+    close()
+    click.echo(f"wrote {out} ({manifest.model_name}) in {time.perf_counter() - t0:.1f}s")
 
 
 @main.command()

@@ -6,7 +6,8 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,37 @@ from sdexport.models.layers import Backend
 from sdexport.pipeline import StableDiffusion
 
 Progress = Callable[[str], None]
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yields a hidden temporary sibling of `out` to fill; on success it replaces `out` (renamed into
+    place), on any failure or interruption it is removed, so `out` is never half written. A directory
+    left by a killed process is removed the next time."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Manifest:
+    """Hashes every file under root into the manifest and writes it (last)."""
+    manifest = replace(manifest, files=hash_tree(root))
+    (root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+    return manifest
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -63,17 +95,23 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def export_modules(sd: StableDiffusion) -> dict[str, nn.Module]:
+    """The four exported functions of an artifact, sharing `sd`'s parameters; their state-dict names
+    are the names of the artifact's weights."""
+    return {"text_encoder": TextEncode(sd.text_encoder), "unet": UNetStep(sd.unet),
+            "vae_decoder": VAEDecode(sd.vae), "vae_encoder": VAEMoments(sd.vae)}
+
+
 def _modules(sd: StableDiffusion, spec: ShapeSpec, dtype: torch.dtype,
              device: torch.device) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], Any]]:
     unet_cfg = sd.unet.config
-    ctx_dim = unet_cfg.cross_attention_dim
-    ids = spec.text_encoder(device)
-    return {
-        "text_encoder": (TextEncode(sd.text_encoder), *ids),
-        "unet": (UNetStep(sd.unet), *spec.unet(unet_cfg.in_channels, ctx_dim, dtype, device)),
-        "vae_decoder": (VAEDecode(sd.vae), *spec.vae_decoder(sd.vae.config.latent_channels, dtype, device)),
-        "vae_encoder": (VAEMoments(sd.vae), *spec.vae_encoder(dtype, device)),
+    examples = {
+        "text_encoder": spec.text_encoder(device),
+        "unet": spec.unet(unet_cfg.in_channels, unet_cfg.cross_attention_dim, dtype, device),
+        "vae_decoder": spec.vae_decoder(sd.vae.config.latent_channels, dtype, device),
+        "vae_encoder": spec.vae_encoder(dtype, device),
     }
+    return {name: (module, *examples[name]) for name, module in export_modules(sd).items()}
 
 
 def _unet_multiple(sd: StableDiffusion) -> int:
@@ -100,13 +138,8 @@ def build(sd: StableDiffusion, out: str | Path, options: BuildOptions | None = N
     sd.to(device, dtype).attention_backend(Backend.FUSED if opts.kernels == "fused" else Backend.SDPA)
     spec = ShapeSpec(opts.max_batch, opts.min_size, opts.max_size, opts.max_chunks, multiple)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed build
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
     report = BuildReport(out)
-    try:
+    with atomic_directory(out) as tmp:
         entries: dict[str, dict[str, str]] = {}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -118,35 +151,27 @@ def build(sd: StableDiffusion, out: str | Path, options: BuildOptions | None = N
                 report.seconds[name] = time.perf_counter() - t0
         (tmp / "tokenizer.json").write_text(sd.tokenizer.to_json(), encoding="utf-8")
         manifest = _manifest(sd, opts, spec, entries)
-        manifest = replace(manifest, files=hash_tree(tmp))
-        (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
     return report
+
+
+def model_fields(sd: StableDiffusion) -> dict[str, Any]:
+    """The manifest fields that describe the model (rather than the build)."""
+    info = sd.info
+    return dict(family=info.family, prediction_type=str(info.scheduler_config.get("prediction_type", "epsilon")),
+                unet_in_channels=info.unet_in_channels, latent_channels=info.latent_channels,
+                scaling_factor=info.scaling_factor, context_dim=sd.unet.config.cross_attention_dim,
+                scheduler_config=dict(info.scheduler_config), model_name=info.name, model_hash=info.hash)
 
 
 def _manifest(sd: StableDiffusion, opts: BuildOptions, spec: ShapeSpec,
               entries: dict[str, dict[str, str]]) -> Manifest:
     from runtime import ops
 
-    info = sd.info
     return Manifest(
-        format=opts.format, family=info.family,
-        prediction_type=str(info.scheduler_config.get("prediction_type", "epsilon")),
-        unet_in_channels=info.unet_in_channels, latent_channels=info.latent_channels,
-        scaling_factor=info.scaling_factor, context_dim=sd.unet.config.cross_attention_dim,
-        scheduler_config=dict(info.scheduler_config),
+        format=opts.format, **model_fields(sd),
         shapes=ShapeRange(max_batch=spec.max_batch, min_size=spec.min_size, max_size=spec.max_size,
                           multiple=spec.multiple, max_chunks=spec.max_chunks),
         dtype=DTYPE_NAMES[opts.dtype], device=opts.device, torch_version=torch.__version__,
         op_library_version=ops.VERSION if opts.kernels == "fused" else "",
-        kernels=opts.kernels, model_name=info.name, model_hash=info.hash,
-        build_options=asdict(opts), modules=entries)
+        kernels=opts.kernels, build_options=asdict(opts), modules=entries)

@@ -1,0 +1,95 @@
+"""`sdexport refit`: another model's weights (a fine-tune, a merged LoRA) in an existing artifact, with no
+recompile. `aoti` and `pt2` artifacts keep their weights in `.safetensors` beside the program (AOTInductor
+folds constants at load time), so a refit copies the programs and writes new weight files; `torchscript`
+and `onnx` freeze weights into the program and need `sdexport build`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from runtime.manifest import MODULES, Manifest, read_manifest
+from sdexport.export.build import Progress, atomic_directory, export_modules, model_fields, write_manifest
+from sdexport.pipeline import StableDiffusion
+
+REFITTABLE = ("aoti", "pt2")
+# Fields the compiled programs depend on: the new model must agree with the artifact on them.
+ARCHITECTURE = ("family", "unet_in_channels", "latent_channels", "context_dim")
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "BOOL": torch.bool}
+
+
+def _stored(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every tensor in a .safetensors file, read from its header only."""
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            sl = f.get_slice(name)
+            out[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
+    return out
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    # Export lifts parameters and all buffers (persistent or not) under their module paths.
+    found: dict[str, torch.Tensor] = dict(module.named_parameters())
+    found.update(dict(module.named_buffers()))
+    return found
+
+
+def _check(name: str, stored: dict[str, tuple[tuple[int, ...], torch.dtype]],
+           tensors: dict[str, torch.Tensor]) -> None:
+    problems = [f"lacks {k}" for k in sorted(set(stored) - set(tensors))]
+    problems += [f"has {k}, which the artifact does not" for k in sorted(set(tensors) - set(stored))]
+    problems += [f"{k} is {tuple(tensors[k].shape)}, the artifact's is {shape}"
+                 for k, (shape, _) in sorted(stored.items()) if k in tensors and tuple(tensors[k].shape) != shape]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"the new model's {name} does not fit the artifact: " + "; ".join(problems[:5]) + more)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # artifacts are never modified in place, so sharing the file is safe
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def refit(artifact: str | Path, sd: StableDiffusion, out: str | Path, *, overwrite: bool = False,
+          progress: Progress | None = None) -> Manifest:
+    """Write to `out` a copy of `artifact` that runs `sd`'s weights; atomic, like `build`. `out` may be
+    `artifact` itself with `overwrite=True`. Returns the new manifest."""
+    src, out = Path(artifact), Path(out)
+    manifest = read_manifest(src)  # verifies every checksum first
+    if manifest.format not in REFITTABLE:
+        raise ValueError(f"{src}: {manifest.format} artifacts keep their weights inside the program; only "
+                         f"{' and '.join(REFITTABLE)} artifacts can be refitted (rebuild with `sdexport build`)")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True / --force to replace it)")
+    fields = model_fields(sd)
+    for key in ARCHITECTURE:
+        if fields[key] != getattr(manifest, key):
+            raise ValueError(f"the new model's {key} is {fields[key]!r}, the artifact was built for "
+                             f"{getattr(manifest, key)!r}")
+    modules = export_modules(sd)
+    stored = {name: _stored(src / manifest.modules[name]["weights"]) for name in MODULES}
+    for name in MODULES:  # everything is checked before anything is written
+        _check(name, stored[name], _tensors(modules[name]))
+
+    with atomic_directory(out) as tmp, torch.no_grad():
+        for name in MODULES:
+            if progress:
+                progress(name)
+            entry = manifest.modules[name]
+            _link_or_copy(src / entry["program"], tmp / entry["program"])
+            tensors = _tensors(modules[name])
+            weights = {k: tensors[k].detach().to("cpu", dtype).contiguous() for k, (_, dtype) in stored[name].items()}
+            save_file(weights, str(tmp / entry["weights"]))
+        (tmp / manifest.tokenizer).write_text(sd.tokenizer.to_json(), encoding="utf-8")
+        return write_manifest(tmp, replace(manifest, **fields))
