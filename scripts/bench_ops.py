@@ -5,7 +5,8 @@
     OMP_NUM_THREADS=1 python3 scripts/bench_ops.py --device cpu
     python3 scripts/bench_ops.py --verify                 # quick correctness check only
 
-CUDA timings are medians of CUDA-event timings; CPU timings are medians of wall time.  On CPU
+CUDA timings are medians of CUDA-event timings; CPU timings are medians of wall time; each fused op
+and its torch composite are called alternately.  On CPU
 the attention shapes are scaled down (batch 1, no 4096-token self-attention) unless --full.
 Results go to --json, or to $OUT/bench_ops.json when $OUT is set.
 """
@@ -31,26 +32,42 @@ from runtime import ops
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def _once(fn: Callable[[], Any], device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timeit(fn: Callable[[], Any], device: str, iters: int, warmup: int = 3) -> float:
     """Median seconds per call."""
     for _ in range(warmup):
         fn()
-    times = []
     if device == "cuda":
         torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_once(fn, device) for _ in range(iters))
+
+
+def time_pair(fa: Callable[[], Any], fb: Callable[[], Any], device: str, iters: int,
+              warmup: int = 3) -> tuple[float, float]:
+    """Median seconds per call of fa and of fb, called alternately so that a shared machine's drifting
+    load weighs on both alike."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    ta, tb = [], []
+    for _ in range(iters):
+        ta.append(_once(fa, device))
+        tb.append(_once(fb, device))
+    return statistics.median(ta), statistics.median(tb)
 
 
 def copy_bandwidth(device: str, iters: int) -> float:
@@ -95,8 +112,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     x = x.to(memory_format=torch.channels_last)
                 w = torch.randn(shape[1], device=device, dtype=dtype)
                 b = torch.randn(shape[1], device=device, dtype=dtype)
-                tf = timeit(lambda x=x, w=w, b=b: ops.group_norm(x, 32, w, b, 1e-5, True), device, iters)
-                tr = timeit(lambda x=x, w=w, b=b: F.silu(F.group_norm(x, 32, w, b, 1e-5)), device, iters)
+                tf, tr = time_pair(lambda x=x, w=w, b=b: ops.group_norm(x, 32, w, b, 1e-5, True),
+                                   lambda x=x, w=w, b=b: F.silu(F.group_norm(x, 32, w, b, 1e-5)), device, iters)
                 gbs = 2 * x.numel() * esz / tf / 1e9
                 row(
                     "group_norm+silu",
@@ -118,8 +135,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 q = torch.randn(batch, heads, tokens, d, device=device, dtype=dtype)
                 k = torch.randn(batch, heads, lk, d, device=device, dtype=dtype)
                 v = torch.randn(batch, heads, lk, d, device=device, dtype=dtype)
-                tf = timeit(lambda q=q, k=k, v=v, d=d: ops.attention(q, k, v, d**-0.5, None), device, iters)
-                tr = timeit(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), device, iters)
+                tf, tr = time_pair(lambda q=q, k=k, v=v, d=d: ops.attention(q, k, v, d**-0.5, None),
+                                   lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v), device, iters)
                 flops = 4 * batch * heads * tokens * lk * d
                 kind = "self" if lk == tokens else "cross"
                 row(
@@ -137,8 +154,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             gg = [(1, 4096, 2 * 1280), (1, 1024, 2 * 2560), (1, 256, 2 * 5120)]
         for shape in gg:
             x = torch.randn(shape, device=device, dtype=dtype)
-            tf = timeit(lambda x=x: ops.geglu(x), device, iters)
-            tr = timeit(lambda x=x: ops.reference_geglu(x), device, iters)
+            tf, tr = time_pair(lambda x=x: ops.geglu(x), lambda x=x: ops.reference_geglu(x), device, iters)
             gbs = 1.5 * x.numel() * esz / tf / 1e9
             row("geglu", "x".join(map(str, shape)), tf, tr, fused_GBps=gbs, pct_copy_bw=100 * gbs / copy_gbs)
 
