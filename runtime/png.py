@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +67,9 @@ def save_png(image: Image.Image, path: str | Path, parameters: str | None = None
     meta = PngInfo()
     if isinstance(text, str):
         meta.add_text("parameters", text)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    tmp = path.parent / f".tmp-{secrets.token_hex(8)}.png"
+    # os.open with mode 0o666 honours the umask, like a plain open(); mkstemp would leave the image 0600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=meta)

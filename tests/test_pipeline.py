@@ -6,6 +6,7 @@ Tolerance: float32 images (in [0, 1]) match to <= 1e-3 max abs.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,10 @@ def test_pil_output_carries_parameters(sd1: StableDiffusion, tmp_path: Path) -> 
     assert "Negative prompt: ugly" in text
     assert "Steps: 2, Sampler: Euler, CFG scale: 6, Seed: 3, Size: 64x64" in text
     assert np.asarray(Image.open(path)).shape == (H, W, 3)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like a plain open(), not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
 # ---- bad input --------------------------------------------------------------------------------
