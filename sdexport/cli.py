@@ -139,13 +139,15 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
              height: int, seed: int | None, sampler: str, batch_size: int, strength: float | None,
              init_image: Path | None, mask: Path | None, device: str | None, out: Path) -> None:
     """Generate PNGs (with A1111-style metadata) from MODEL: an artifact, a checkpoint or a preset."""
-    from PIL import Image
     from tqdm import tqdm
 
     from runtime.png import save_png
 
     if mask is not None and init_image is None:
         raise click.UsageError("--mask needs --init (the image to inpaint)")
+    # Images are read before the model loads, so that a bad file fails at once.
+    image = _open_image(init_image, "--init").convert("RGB") if init_image is not None else None
+    mask_image = _open_image(mask, "--mask") if mask is not None else None
     t0 = time.perf_counter()
     if (Path(model) / "manifest.json").is_file():
         import runtime
@@ -156,32 +158,43 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
         if device is not None:
             pipe.to(device)
     loaded = time.perf_counter() - t0
-    bar = tqdm(total=steps, desc="sampling", unit="step")
+    bars: list[Any] = []  # made at the first step, so that a rejected request prints no bar
 
     def progress(i: int, n: int) -> None:
-        bar.total = n
-        bar.update(i - bar.n)
+        if not bars:
+            bars.append(tqdm(total=n, desc="sampling", unit="step"))
+        bars[0].update(i - bars[0].n)
 
     common: dict[str, Any] = dict(steps=steps, scale=cfg_scale, seed=seed, scheduler=sampler,
                                   batch_size=batch_size, progress=progress)
     t1 = time.perf_counter()
-    if init_image is None:
+    if image is None:
         images = pipe.text2img(prompt, negative_prompt, height=height, width=width, **common)
+    elif mask_image is None:
+        images = pipe.img2img(image, prompt, negative_prompt, strength=0.8 if strength is None else strength,
+                              **common)
     else:
-        image = Image.open(init_image).convert("RGB")
-        if mask is None:
-            images = pipe.img2img(image, prompt, negative_prompt, strength=0.8 if strength is None else strength,
-                                  **common)
-        else:
-            images = pipe.inpaint(image, Image.open(mask), prompt, negative_prompt,
-                                  strength=1.0 if strength is None else strength, **common)
-    bar.close()
+        images = pipe.inpaint(image, mask_image, prompt, negative_prompt,
+                              strength=1.0 if strength is None else strength, **common)
+    for bar in bars:
+        bar.close()
     out.mkdir(parents=True, exist_ok=True)
     for img in images:
         seed_text = img.info["parameters"].split("Seed: ")[1].split(",")[0]
         path = save_png(img, _free_name(out, f"{seed_text}.png"))
         click.echo(f"wrote {path}")
     click.echo(f"load {loaded:.2f}s, generate {time.perf_counter() - t1:.2f}s")
+
+
+def _open_image(path: Path, option: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise click.BadParameter(f"{path} is not a readable image ({e})", param_hint=option) from None
 
 
 def _free_name(folder: Path, name: str) -> Path:

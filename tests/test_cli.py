@@ -87,6 +87,14 @@ def test_user_errors_are_one_clean_line(args: list[str], message: str, tmp_path:
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0
     assert message in result.output
+    assert "Traceback" not in result.output and "sampling" not in result.output  # no stray progress bar
+
+
+def test_unreadable_init_image_is_a_clean_error(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    result = CliRunner().invoke(main, ["generate", "no/such/model", "-p", "x", "-i", str(bad)])
+    assert result.exit_code == 2 and "notes.txt is not a readable image" in result.output
     assert "Traceback" not in result.output
 
 
