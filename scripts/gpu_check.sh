@@ -12,6 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 rc=0
 LOG="${OUT:-${TMPDIR:-/tmp}}/build_gpu_check.log"
+mkdir -p "$(dirname "$LOG")"
 t0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
 
