@@ -45,7 +45,8 @@ if [[ " $PHASES " == *" ops "* ]]; then
 
   step "CUDA tests"
   if "$PY" -c "import pytest" 2>/dev/null; then
-    "$PY" -m pytest tests/test_ops.py tests/test_cudagraph.py -q -m cuda -p no:cacheprovider || rc=1
+    "$PY" -m pytest tests/test_ops.py tests/test_cudagraph.py tests/test_export.py -q -m cuda -p no:cacheprovider \
+      || rc=1
   else
     echo "pytest not importable: relying on the numerics check above"
   fi

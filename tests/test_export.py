@@ -279,3 +279,29 @@ def test_half_artifact_is_within_fp16_tolerance_of_fp32(sd1_folder: Path, tmp_pa
     out = pipe.text2img("a (red):1.3 fox", steps=3, height=64, width=64, latents=lat, output="tensor")
     assert isinstance(out, torch.Tensor) and torch.isfinite(out).all()
     assert (out - ref).abs().max().item() <= 2e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["pt2", "aoti"])
+def test_half_cuda_artifact_with_graph_replay(fmt: str, tmp_path: Path) -> None:
+    """#5 on the GPU: a --half CUDA artifact is within fp16 tolerance of the fp32 eager result, and the UNet
+    replayed through CUDA graphs (one per shape, replayed on the next call) gives what plain calls give.
+    Uses the demo preset, which needs no diffusers (the GPU machine has none)."""
+    from runtime.cudagraph import GraphedCall
+    from sdexport.presets import random_pipeline
+
+    sd = random_pipeline("demo")
+    jobs = _jobs()
+    ref = _eager(sd, jobs)  # fp32, CPU
+    art = sd.export(tmp_path / "half", format=fmt, half=True, device="cuda", kernels=_kernels(), **OPTIONS)
+    graphed, plain = runtime.load(art), runtime.load(art, cuda_graphs=False)
+    assert isinstance(graphed.backend._unet, GraphedCall)  # type: ignore[attr-defined]
+    for _ in range(2):  # the second round replays the graphs captured in the first
+        out = _eager(graphed, jobs)  # type: ignore[arg-type]
+    base = _eager(plain, jobs)  # type: ignore[arg-type]
+    assert len(graphed.backend._unet.graphs) >= 2  # type: ignore[attr-defined]
+    for key, r in ref.items():
+        assert torch.isfinite(out[key]).all(), key
+        assert (out[key] - r).abs().max().item() <= 2e-2, key
+        assert (out[key] - base[key]).abs().max().item() <= 1e-3, key
