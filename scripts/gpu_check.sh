@@ -61,7 +61,7 @@ fi
 # pipeline benchmarks); "aoti" adds an SD 1.5 AOTInductor build
 # (--half, 512 px), benchmarks it and times its cold start: run it as a second call, it needs most of a
 # 10-minute slot. "formats" times build and cold start of every format on the medium preset.
-# diffusers rows need the diffusers wheel carried in .whl/ (see scripts/README or device docs).
+# diffusers rows need the diffusers wheel carried in .whl/ (scripts/fetch_gpu_wheels.sh, carry=[".whl"]).
 # ============================================================================================
 RES="${OUT:-${TMPDIR:-/tmp}}"
 if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
