@@ -133,11 +133,14 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 @click.option("-i", "--init", "init_image", type=click.Path(exists=True, path_type=Path), default=None)
 @click.option("--mask", type=click.Path(exists=True, path_type=Path), default=None)
 @click.option("--device", default=None, help="cpu or cuda (default: the model's)")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="artifacts on CUDA: replay the UNet step through a CUDA graph per shape")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("."), show_default=True)
 @_friendly
 def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, width: int,
              height: int, seed: int | None, sampler: str, batch_size: int, strength: float | None,
-             init_image: Path | None, mask: Path | None, device: str | None, out: Path) -> None:
+             init_image: Path | None, mask: Path | None, device: str | None, cuda_graphs: bool,
+             out: Path) -> None:
     """Generate PNGs (with A1111-style metadata) from MODEL: an artifact, a checkpoint or a preset."""
     from tqdm import tqdm
 
@@ -152,7 +155,7 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
     if (Path(model) / "manifest.json").is_file():
         import runtime
 
-        pipe: Any = runtime.load(model, device=device)
+        pipe: Any = runtime.load(model, device=device, cuda_graphs=cuda_graphs)
     else:
         pipe = open_model(model)
         if device is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,11 +43,23 @@ def test_inspect_reports_tampering(artifact: Path, tmp_path: Path) -> None:
     assert "checksum mismatch in tokenizer.json" in result.output
 
 
-def test_generate_from_artifact_writes_png_with_metadata(artifact: Path, tmp_path: Path) -> None:
+def test_generate_from_artifact_writes_png_with_metadata(artifact: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime
+
+    seen: dict[str, Any] = {}
+    real_load = runtime.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "load", load)
     result = CliRunner().invoke(main, ["generate", str(artifact), "-p", "a (red):1.2 fox", "-n", "blurry",
                                        "--steps", "2", "-W", "64", "-H", "64", "-s", "12", "--sampler", "euler",
-                                       "-o", str(tmp_path)])
+                                       "--no-cuda-graphs", "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
+    assert seen["cuda_graphs"] is False
     png = tmp_path / "12.png"
     info = Image.open(png).info["parameters"]
     expected = "a (red):1.2 fox\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 12"
