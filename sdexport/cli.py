@@ -292,6 +292,8 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
     click.echo(f"timings   model init {t1 - t0:.2f}s | build {t_build:.1f}s | load {t_load:.2f}s | "
                f"first image {t_first:.2f}s | next image {t_second:.2f}s | eager image {t_eager:.2f}s")
     click.echo(f"parity    max |compiled - eager| = {diff:.2e}")
+    if not diff <= 1e-3:  # also catches NaN
+        raise click.ClickException(f"the compiled image differs from the eager one by {diff:.2e} (> 1e-3)")
 
 
 @main.command()

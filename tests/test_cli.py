@@ -134,3 +134,14 @@ def test_bench_reports_every_path_with_differences(artifact: Path, sd1_folder: P
         assert max(row["max_abs_diff"].values()) < 1e-3, row  # every path computes the same thing
     assert data["meta"]["torch"] == torch.__version__
     assert "unet_step" in result.output
+
+
+def test_demo_builds_loads_generates_and_checks_parity(tmp_path: Path) -> None:
+    """The README's main command (with the faster pt2 format)."""
+    result = CliRunner().invoke(main, ["demo", "--format", "pt2", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line.strip()}
+    assert (tmp_path / "demo-pt2" / "manifest.json").is_file()
+    assert Image.open(tmp_path / "demo.png").size == (128, 128)
+    assert "first image" in lines["timings"]
+    assert float(lines["parity"].rsplit("=", 1)[1]) <= 1e-3
