@@ -22,6 +22,7 @@ from sdexport.models.layers import Backend
 from sdexport.pipeline import StableDiffusion
 
 Progress = Callable[[str], None]
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @contextmanager
@@ -53,7 +54,6 @@ def write_manifest(root: Path, manifest: Manifest) -> Manifest:
     manifest = replace(manifest, files=hash_tree(root))
     (root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
     return manifest
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True)
