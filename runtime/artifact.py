@@ -14,12 +14,11 @@ from torch import Tensor
 
 from runtime.backend import ModelInfo
 from runtime.cudagraph import GraphedCall
-from runtime.manifest import ArtifactError, Manifest, read_manifest
+from runtime.manifest import DTYPES, ArtifactError, Manifest, read_manifest
 from runtime.pipeline import Pipeline
 from runtime.tokenizer import ClipTokenizer
 
 Call = Callable[..., Tensor]
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _version(v: str) -> tuple[int, int]:

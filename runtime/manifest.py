@@ -12,10 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FORMATS = ("aoti", "pt2", "torchscript", "onnx")
 MODULES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# The artifact dtypes, by the names the manifest's `dtype` field holds.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ArtifactError(RuntimeError):
@@ -52,7 +56,7 @@ class Manifest:
     context_dim: int
     scheduler_config: dict[str, Any]
     shapes: ShapeRange
-    dtype: str  # "float32" | "float16" | "bfloat16"
+    dtype: str  # a key of DTYPES
     device: str  # "cpu" | "cuda"
     torch_version: str
     op_library_version: str  # "" when built with --kernels native
