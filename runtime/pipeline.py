@@ -22,14 +22,9 @@ from torch import Tensor
 from runtime.backend import Backend
 from runtime.png import Parameters, format_parameters
 from runtime.prompt import EncodedPrompt, encode_prompt
-from runtime.schedulers import (
-    SCHEDULERS,
-    SchedulerConfig,
-    add_noise,
-    initial_latents,
-    make_schedule,
-    sample,
-)
+from runtime.samplers import SCHEDULER_NAMES as SCHEDULERS
+from runtime.samplers import make_schedule, sample
+from runtime.schedulers import SchedulerConfig, add_noise, initial_latents
 
 Output = Literal["pil", "tensor"]
 ImageInput = Image.Image | Sequence[Image.Image] | Tensor

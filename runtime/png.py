@@ -10,18 +10,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-# Our scheduler names -> the sampler names A1111 writes.
-SAMPLER_NAMES = {
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "lms": "LMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "unipc": "UniPC",
-}
+from runtime.samplers import SCHEDULERS
 
 
 @dataclass(frozen=True)
@@ -29,7 +18,7 @@ class Parameters:
     prompt: str
     negative_prompt: str
     steps: int
-    sampler: str
+    sampler: str  # our scheduler name; written as the A1111 sampler name
     cfg_scale: float
     seed: int
     width: int
@@ -45,7 +34,7 @@ def format_parameters(p: Parameters) -> str:
         lines.append(f"Negative prompt: {p.negative_prompt}")
     fields = [
         f"Steps: {p.steps}",
-        f"Sampler: {SAMPLER_NAMES.get(p.sampler, p.sampler)}",
+        f"Sampler: {_a1111_sampler(p.sampler)}",
         f"CFG scale: {p.cfg_scale:g}",
         f"Seed: {p.seed}",
         f"Size: {p.width}x{p.height}",
@@ -58,6 +47,10 @@ def format_parameters(p: Parameters) -> str:
         fields.append(f"Denoising strength: {p.strength:g}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def _a1111_sampler(name: str) -> str:
+    return SCHEDULERS[name].a1111 if name in SCHEDULERS else name
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> Path:

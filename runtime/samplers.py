@@ -1,22 +1,55 @@
-"""Sampler loops, one plain function per method, all with the signature of :data:`Sampler`.
+"""Sampler loops, one plain function per method, and the table of named schedulers.
 
-Each function walks the model calls ``schedule.begin ..`` of a :class:`~runtime.schedulers.Schedule`,
+Each sampler walks the model calls ``schedule.begin ..`` of a :class:`~runtime.schedulers.Schedule`,
 mirroring the diffusers scheduler of the same name step for step (same state space, same history
-handling, same warm-up quirks) so results agree to float32 round-off.  Coefficients are computed in
-Python floats (float64); tensor updates run in the latents' dtype.
+handling, same warm-up quirks) so results agree to float32 round-off.  As in k-diffusion's
+``sampling.py`` the model a sampler sees is a :class:`Denoiser`: state in, denoised x0 out; whether the
+UNet predicts eps or v is known there only.  Coefficients are computed in Python floats (float64);
+tensor updates run in the latents' dtype.
+
+Usage::
+
+    sched = make_schedule(name, SchedulerConfig.from_dict(json_dict), steps, strength)
+    x = initial_latents(sched, noise, image_latents)     # image_latents=None: pure noise (text2img)
+    x0 = sample(sched, unet_fn, x, noise_fn, eta, callback)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from runtime.schedulers import Schedule
+from runtime.schedulers import (
+    DDIM,
+    HEUN,
+    K_NO_KARRAS,
+    MULTISTEP,
+    MULTISTEP_KARRAS,
+    PLMS,
+    K,
+    Schedule,
+    ScheduleKind,
+    SchedulerConfig,
+    build_schedule,
+)
+
+__all__ = [
+    "SCHEDULERS",
+    "SCHEDULER_NAMES",
+    "Callback",
+    "Denoiser",
+    "ModelFn",
+    "NoiseFn",
+    "Scheduler",
+    "get_scheduler",
+    "make_schedule",
+    "sample",
+]
 
 
 class ModelFn(Protocol):
@@ -27,26 +60,49 @@ class ModelFn(Protocol):
 
 NoiseFn = Callable[[], Tensor]  # fresh standard-normal noise shaped like the latents
 Callback = Callable[[int, Tensor], Tensor]  # (run step index, state) -> possibly modified state
-Sampler = Callable[["Schedule", ModelFn, Tensor, NoiseFn, float, "Callback | None"], Tensor]
 
 
-def _call(model: ModelFn, x: Tensor, t: float) -> Tensor:
-    return model(x, torch.tensor(t, dtype=torch.float32))
+class Denoiser:
+    """The model as samplers see it: state ``x`` at model call ``i`` -> denoised x0 (k-diffusion's
+    ``CompVisDenoiser`` / ``CompVisVDenoiser``).  With ``x_t = alpha x0 + sigma eps`` the UNet always
+    sees ``x_t``: VP states are ``x_t`` itself, k-space states ``x = x_t / alpha``."""
+
+    def __init__(self, schedule: Schedule, model: ModelFn) -> None:
+        self.schedule = schedule
+        self.model = model
+        self.v_prediction = schedule.config.prediction_type == "v_prediction"
+
+    def scalings(self, i: int) -> tuple[float, float, float]:
+        """(c_in, c_skip, c_out): UNet input ``c_in x``, ``x0 = c_skip x + c_out output``."""
+        alpha, sigma = self.schedule.noise_level(i)
+        c_in = alpha if self.schedule.k_space else 1.0
+        if self.v_prediction:  # v = alpha eps - sigma x0  =>  x0 = alpha x_t - sigma v
+            return c_in, alpha * c_in, -sigma
+        return c_in, c_in / alpha, -sigma / alpha  # x0 = (x_t - sigma eps) / alpha
+
+    def output(self, x: Tensor, i: int) -> Tensor:
+        """Raw UNet output (eps or v) at state ``x``, model call ``i``."""
+        c_in = self.scalings(i)[0]
+        t = torch.tensor(self.schedule.timesteps[i], dtype=torch.float32)
+        return self.model(x if c_in == 1.0 else x * c_in, t)
+
+    def denoised(self, out: Tensor, x: Tensor, i: int) -> Tensor:
+        _, c_skip, c_out = self.scalings(i)
+        return c_skip * x + c_out * out
+
+    def eps(self, out: Tensor, x_t: Tensor, alpha: float, sigma: float) -> Tensor:
+        """The noise estimate of a raw output read at ``x_t = alpha x0 + sigma eps`` (VP states)."""
+        return alpha * out + sigma * x_t if self.v_prediction else out  # v = alpha eps - sigma x0
+
+    def __call__(self, x: Tensor, i: int) -> Tensor:
+        return self.denoised(self.output(x, i), x, i)
 
 
-def _k_denoised(s: Schedule, out: Tensor, x: Tensor, sigma: float) -> Tensor:
-    """x0 from the model output in k-space x = x0 + sigma*eps (UNet saw x / sqrt(sigma^2 + 1))."""
-    if s.config.prediction_type == "epsilon":
-        x0 = x - sigma * out
-    else:  # v = alpha*eps - sigma_vp*x0 with alpha = 1/sqrt(1+s^2), sigma_vp = s*alpha
-        x0 = out * (-sigma / math.sqrt(sigma * sigma + 1)) + x / (sigma * sigma + 1)
+Sampler = Callable[[Denoiser, Tensor, Schedule, NoiseFn, float, "Callback | None"], Tensor]
+
+
+def _clip(s: Schedule, x0: Tensor) -> Tensor:
     return x0.clamp(-s.config.clip_sample_range, s.config.clip_sample_range) if s.clip else x0
-
-
-def _k_call(s: Schedule, model: ModelFn, x: Tensor, i: int) -> Tensor:
-    """Model call i in k-space, returning the denoised estimate."""
-    sigma = s.sigmas[i]
-    return _k_denoised(s, _call(model, x / math.sqrt(sigma * sigma + 1), s.timesteps[i]), x, sigma)
 
 
 def _done(cb: Callback | None, s: Schedule, i: int, x: Tensor) -> Tensor:
@@ -56,16 +112,16 @@ def _done(cb: Callback | None, s: Schedule, i: int, x: Tensor) -> Tensor:
 # ---- k-diffusion samplers: state x = x0 + sigma * eps -----------------------------------------------
 
 
-def euler(s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
+def euler(model: Denoiser, x: Tensor, s: Schedule, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
     """Euler on dx/dsigma = (x - x0) / sigma (Karras et al. 2022, Alg. 1 without churn)."""
     for i in range(s.begin, len(s.timesteps)):
-        d = (x - _k_call(s, model, x, i)) / s.sigmas[i]
+        d = (x - model(x, i)) / s.sigmas[i]
         x = _done(cb, s, i, x + d * (s.sigmas[i + 1] - s.sigmas[i]))
     return x
 
 
 def euler_a(
-    s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb: Callback | None
+    model: Denoiser, x: Tensor, s: Schedule, noise: NoiseFn, eta: float, cb: Callback | None
 ) -> Tensor:
     """Ancestral Euler: deterministic step to sigma_down, then fresh noise of std sigma_up, with
     sigma_up^2 = s_to^2 (s_from^2 - s_to^2) / s_from^2 and sigma_down^2 + sigma_up^2 = s_to^2."""
@@ -73,18 +129,18 @@ def euler_a(
         s_from, s_to = s.sigmas[i], s.sigmas[i + 1]
         up = math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
         down = math.sqrt(s_to**2 - up**2)
-        d = (x - _k_call(s, model, x, i)) / s_from
+        d = (x - model(x, i)) / s_from
         x = _done(cb, s, i, x + d * (down - s_from) + noise() * up)  # diffusers draws even when up == 0
     return x
 
 
-def heun(s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
+def heun(model: Denoiser, x: Tensor, s: Schedule, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
     """Heun's 2nd order method (Karras Alg. 1).  Calls alternate predictor / corrector like diffusers'
     doubled timesteps; the last step (to sigma 0) is a plain Euler step.  Sigmas are laid out
     [s0, s1, s1, s2, s2, ..., 0], so call i always evaluates the model at sigmas[i]."""
     pending: tuple[Tensor, Tensor, float] | None = None  # (x at step start, its slope, dt)
     for i in range(s.begin, len(s.timesteps)):
-        x0 = _k_call(s, model, x, i)
+        x0 = _clip(s, model(x, i))
         if pending is None:  # predictor: Euler from sigmas[i] to sigmas[i + 1]
             d = (x - x0) / s.sigmas[i]
             dt = s.sigmas[i + 1] - s.sigmas[i]
@@ -114,12 +170,12 @@ def _lms_coefficient(sig: tuple[float, ...], order: int, i: int, j: int) -> floa
     return total * (b - a) / 2
 
 
-def lms(s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
+def lms(model: Denoiser, x: Tensor, s: Schedule, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
     """Order-4 linear multistep on dx/dsigma.  Like diffusers, the order is min(i + 1, 4) with i the
     absolute step, so an img2img run zips the first coefficients with the few slopes it has."""
     slopes: list[Tensor] = []
     for i in range(s.begin, len(s.timesteps)):
-        slopes = [*slopes[-3:], (x - _k_call(s, model, x, i)) / s.sigmas[i]]
+        slopes = [*slopes[-3:], (x - model(x, i)) / s.sigmas[i]]
         order = min(i + 1, 4)
         coeffs = [_lms_coefficient(s.sigmas, order, i, j) for j in range(order)]
         x = x + sum((c * d for c, d in zip(coeffs, reversed(slopes), strict=False)), torch.zeros_like(x))
@@ -134,22 +190,17 @@ def _alpha_prev(s: Schedule, t: int) -> float:
     return s.alphas_cumprod[t] if t >= 0 else s.final_alpha_cumprod
 
 
-def ddim(s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
+def ddim(model: Denoiser, x: Tensor, s: Schedule, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) eps + std z,
     std = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).  The previous timestep is
     t - N // steps whatever the spacing (as in diffusers)."""
     ratio = s.config.num_train_timesteps // s.steps
     for i in range(s.begin, len(s.timesteps)):
         t = int(s.timesteps[i])
-        out = _call(model, x, s.timesteps[i])
         a_t, a_prev = s.alphas_cumprod[t], _alpha_prev(s, t - ratio)
-        if s.config.prediction_type == "epsilon":
-            x0, eps = (x - math.sqrt(1 - a_t) * out) / math.sqrt(a_t), out
-        else:  # v-prediction: x0 = sqrt(a) x - sqrt(1-a) v, eps = sqrt(a) v + sqrt(1-a) x
-            x0 = math.sqrt(a_t) * x - math.sqrt(1 - a_t) * out
-            eps = math.sqrt(a_t) * out + math.sqrt(1 - a_t) * x
-        if s.clip:  # diffusers keeps the unclipped eps for the direction term
-            x0 = x0.clamp(-s.config.clip_sample_range, s.config.clip_sample_range)
+        x0 = model(x, i)
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)  # from the unclipped x0, as diffusers
+        x0 = _clip(s, x0)
         std = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         direction = math.sqrt(max(1 - a_prev - std * std, 0.0))  # clamped: eta > 1 would give NaN
         x = math.sqrt(a_prev) * x0 + direction * eps
@@ -159,39 +210,47 @@ def ddim(s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb:
     return x
 
 
-def _pndm_transfer(s: Schedule, x: Tensor, t: int, t_prev: int, out: Tensor) -> Tensor:
-    """PNDM's transfer phi (Liu et al. 2022, eq. 9) from t to t_prev given a (combined) model output."""
+def _pndm_transfer(s: Schedule, x: Tensor, t: int, t_prev: int, eps: Tensor) -> Tensor:
+    """PNDM's transfer phi (Liu et al. 2022, eq. 9) from t to t_prev given a (combined) noise estimate."""
     a_t, a_prev = s.alphas_cumprod[t], _alpha_prev(s, t_prev)
-    eps = out if s.config.prediction_type == "epsilon" else math.sqrt(a_t) * out + math.sqrt(1 - a_t) * x
     denom = a_t * math.sqrt(1 - a_prev) + math.sqrt(a_t * (1 - a_t) * a_prev)
     return math.sqrt(a_prev / a_t) * x - (a_prev - a_t) / denom * eps
 
 
-def pndm(s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
-    """PLMS (PNDM with skip_prk_steps): 4th-order Adams-Bashforth on raw model outputs.  Warm-up as
+def _plms_combined(history: list[Tensor]) -> Tensor:
+    """Adams-Bashforth of order len(history) (1..4) on the newest-last outputs."""
+    h = history
+    if len(h) == 1:
+        return h[-1]
+    if len(h) == 2:
+        return (3 * h[-1] - h[-2]) / 2
+    if len(h) == 3:
+        return (23 * h[-1] - 16 * h[-2] + 5 * h[-3]) / 12
+    return (55 * h[-1] - 59 * h[-2] + 37 * h[-3] - 9 * h[-4]) / 24
+
+
+def pndm(model: Denoiser, x: Tensor, s: Schedule, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
+    """PLMS (PNDM with skip_prk_steps): 4th-order Adams-Bashforth on raw model outputs, converted to eps
+    only at the transfer (as diffusers; for v-models that differs from extrapolating eps).  Warm-up as
     diffusers: call 0 steps t0 -> t1 with e0; call 1 (at t1) redoes t0 -> t1 from the saved sample with
     (e0 + e1) / 2 and e1 is not kept in the history; then 2nd/3rd/4th-order AB coefficients."""
     ratio = s.config.num_train_timesteps // s.steps
     history: list[Tensor] = []
     x_start = x
     for n, i in enumerate(range(s.begin, len(s.timesteps))):
+        out = model.output(x, i)
         t = int(s.timesteps[i])
-        out = _call(model, x, s.timesteps[i])
         t_prev = t - ratio
-        if n == 1:
+        if n == 1:  # redo t0 -> t1 from the saved sample with the averaged output
             t, t_prev = t + ratio, t
             x, combined = x_start, (out + history[-1]) / 2
         else:
             history = [*history[-3:], out]
-            if n == 0:
-                x_start, combined = x, out
-            elif len(history) == 2:
-                combined = (3 * history[-1] - history[-2]) / 2
-            elif len(history) == 3:
-                combined = (23 * history[-1] - 16 * history[-2] + 5 * history[-3]) / 12
-            else:
-                combined = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
-        x = _done(cb, s, i, _pndm_transfer(s, x, t, t_prev, combined))
+            x_start = x if n == 0 else x_start
+            combined = _plms_combined(history)
+        a_t = s.alphas_cumprod[t]
+        eps = model.eps(combined, x, math.sqrt(a_t), math.sqrt(1 - a_t))
+        x = _done(cb, s, i, _pndm_transfer(s, x, t, t_prev, eps))
     return x
 
 
@@ -204,23 +263,15 @@ def _vp(sigma: float) -> tuple[float, float, float]:
     return alpha, sigma * alpha, -math.log(sigma)
 
 
-def _vp_denoised(s: Schedule, model: ModelFn, x: Tensor, i: int) -> Tensor:
-    alpha, sigma_vp, _ = _vp(s.sigmas[i])
-    out = _call(model, x, s.timesteps[i])
-    if s.config.prediction_type == "epsilon":
-        return (x - sigma_vp * out) / alpha
-    return alpha * x - sigma_vp * out
-
-
 def dpmpp_2m(
-    s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb: Callback | None
+    model: Denoiser, x: Tensor, s: Schedule, noise: NoiseFn, eta: float, cb: Callback | None
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint form), h = lambda_next - lambda_cur:
     x_next = (sigma_next/sigma_cur) x - alpha_next (e^-h - 1) (D0 + D1/2), D1 = (m0 - m1) h / h_prev.
     First and last steps are first order (the last goes to sigma 0 and returns x0 exactly)."""
     prev: tuple[Tensor, float] | None = None  # (previous x0 estimate, its lambda)
     for i in range(s.begin, len(s.timesteps)):
-        m0 = _vp_denoised(s, model, x, i)
+        m0 = model(x, i)
         _, sig_cur, lam_cur = _vp(s.sigmas[i])
         if s.sigmas[i + 1] == 0.0:
             x = m0  # limit h -> inf of the first-order update
@@ -248,7 +299,7 @@ def _unipc_rhos(h: float, r: float | None) -> tuple[float, ...]:
     return (rho0, g1 - rho0)
 
 
-def unipc(s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
+def unipc(model: Denoiser, x: Tensor, s: Schedule, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
     """UniPC-2 with bh2 (diffusers defaults): each call first corrects the previous predictor result
     (UniC, using the new model output), then predicts the next state (UniP).  Orders ramp up 1 -> 2 and
     drop to 1 for the final step, which lands on sigma 0 and returns x0."""
@@ -257,7 +308,7 @@ def unipc(s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb
     order = 1
     n = len(s.timesteps)
     for i in range(s.begin, n):
-        m = _vp_denoised(s, model, x, i)
+        m = model(x, i)
         alpha_c, sig_c, lam_c = _vp(s.sigmas[i])
         if last_x is not None:  # UniC: x_i = phi_1 part from last_x + B(h) sum rho_k D_k
             m0, lam0 = hist[-1]
@@ -285,7 +336,62 @@ def unipc(s: Schedule, model: ModelFn, x: Tensor, noise: NoiseFn, eta: float, cb
     return x
 
 
-SAMPLERS: dict[str, Sampler] = {
-    "ddim": ddim, "pndm": pndm, "lms": lms, "euler": euler, "euler_a": euler_a, "heun": heun,
-    "dpmpp_2m": dpmpp_2m, "dpmpp_2m_karras": dpmpp_2m, "unipc": unipc,
+
+
+# ---- the named schedulers ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """A scheduler name's sampler loop, schedule rules, and the sampler name A1111 writes in PNG info."""
+
+    sampler: Sampler
+    schedule: ScheduleKind
+    a1111: str
+
+
+SCHEDULERS: dict[str, Scheduler] = {
+    "ddim": Scheduler(ddim, DDIM, "DDIM"),
+    "pndm": Scheduler(pndm, PLMS, "PLMS"),
+    "lms": Scheduler(lms, K, "LMS"),
+    "euler": Scheduler(euler, K, "Euler"),
+    "euler_a": Scheduler(euler_a, K_NO_KARRAS, "Euler a"),
+    "heun": Scheduler(heun, HEUN, "Heun"),
+    "dpmpp_2m": Scheduler(dpmpp_2m, MULTISTEP, "DPM++ 2M"),
+    "dpmpp_2m_karras": Scheduler(dpmpp_2m, MULTISTEP_KARRAS, "DPM++ 2M Karras"),
+    "unipc": Scheduler(unipc, MULTISTEP, "UniPC"),
 }
+SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+
+
+def get_scheduler(name: str) -> Scheduler:
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    return SCHEDULERS[name]
+
+
+def make_schedule(name: str, config: SchedulerConfig, steps: int, strength: float = 1.0) -> Schedule:
+    """Schedule of scheduler ``name`` for ``steps`` steps; ``strength < 1`` keeps the last
+    ``int(steps * strength)`` (img2img)."""
+    return build_schedule(name, get_scheduler(name).schedule, config, steps, strength)
+
+
+def sample(
+    schedule: Schedule,
+    model: ModelFn,
+    x: Tensor,
+    noise: NoiseFn,
+    eta: float = 0.0,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Run all model calls of ``schedule`` from state ``x``; returns the denoised latents x0.
+
+    ``model`` gives raw UNet outputs (:class:`ModelFn`).  ``eta`` is DDIM's stochasticity (0:
+    deterministic DDIM, 1: DDPM-like); other samplers ignore it (euler_a is always fully ancestral).
+    ``noise()`` is called for step noise by euler_a and by ddim with eta > 0 (once per step, as
+    diffusers draws it).  ``callback(i, x)`` runs after model call i.
+    """
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    sampler = get_scheduler(schedule.name).sampler
+    return sampler(Denoiser(schedule, model), x, schedule, noise, float(eta), callback)

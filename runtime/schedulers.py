@@ -1,17 +1,14 @@
 """Noise schedules for Stable Diffusion sampling, numerically matching diffusers' schedulers.
 
-A :class:`Schedule` holds everything one run needs (timesteps, sigmas, alpha table, img2img start); the
-sampler functions that consume it live in :mod:`runtime.samplers`.  Each sampler keeps diffusers' state
-space, so latents seen by callbacks equal diffusers' ``latents`` at the same point of the loop:
+A :class:`Schedule` is data: everything one run needs (timesteps, sigmas, alpha table, img2img start).
+How a diffusers scheduler class lays its schedule out is a :class:`ScheduleKind` (DDIM, PLMS, K, ...);
+:mod:`runtime.samplers` pairs every scheduler name with its kind and its sampler loop.  Each sampler
+keeps diffusers' state space, so latents seen by callbacks equal diffusers' ``latents``:
 
 * VP space ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` for ddim, pndm, dpmpp_2m(_karras), unipc;
 * k-diffusion space ``x = x0 + sigma eps`` (``sigma = sqrt((1 - a) / a)``) for lms, euler, euler_a, heun.
 
-Pipeline usage::
-
-    sched = make_schedule(name, SchedulerConfig.from_dict(json_dict), steps, strength)
-    x = initial_latents(sched, noise, image_latents)     # image_latents=None: pure noise (text2img)
-    x0 = sample(sched, model_fn, x, noise_fn, eta, callback)
+This module is a leaf: it imports nothing from the samplers.
 """
 
 from __future__ import annotations
@@ -20,31 +17,29 @@ import bisect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from runtime.samplers import SAMPLERS, Callback, ModelFn, NoiseFn
-
 __all__ = [
-    "SCHEDULERS",
-    "Callback",
-    "ModelFn",
-    "NoiseFn",
+    "DDIM",
+    "HEUN",
+    "K_NO_KARRAS",
+    "MULTISTEP",
+    "MULTISTEP_KARRAS",
+    "PLMS",
+    "K",
     "Schedule",
+    "ScheduleKind",
     "SchedulerConfig",
     "add_noise",
+    "build_schedule",
     "initial_latents",
-    "make_schedule",
-    "sample",
 ]
 
-SCHEDULERS: tuple[str, ...] = (
-    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc",
-)
-_VP = frozenset({"ddim", "pndm", "dpmpp_2m", "dpmpp_2m_karras", "unipc"})  # state x_t; others x0 + sigma eps
-_DISCRETE = frozenset({"ddim", "pndm"})  # step between integer train timesteps via the alphas_cumprod table
-_MULTISTEP = frozenset({"dpmpp_2m", "dpmpp_2m_karras", "unipc"})  # diffusers' "n + 1 points" spacing
+Family = Literal["discrete", "k", "multistep"]
+Layout = tuple[list[float], list[float]]  # (UNet timestep, sigma) of every model call; sigmas end in 0.0
 _BETA_SCHEDULES = ("linear", "scaled_linear")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -119,36 +114,6 @@ class SchedulerConfig:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """One sampling run.  ``timesteps``/``sigmas`` describe the full (strength 1) diffusers schedule; the
-    run starts at model call ``begin`` (diffusers' ``begin_index`` for img2img)."""
-
-    name: str
-    config: SchedulerConfig
-    steps: int  # requested inference steps (diffusers' num_inference_steps)
-    begin: int  # index of this run's first model call in ``timesteps``
-    timesteps: tuple[float, ...]  # UNet timestep of every model call (heun: doubled, pndm: steps + 1)
-    sigmas: tuple[float, ...]  # sqrt((1-a)/a) per model call, then the final 0.0 (empty for ddim/pndm)
-    alphas_cumprod: tuple[float, ...]  # training table (float32 values), indexed by integer timestep
-    final_alpha_cumprod: float  # "alpha_prod_t_prev" past the last step (ddim/pndm)
-    init_noise_sigma: float
-
-    @property
-    def num_steps(self) -> int:
-        """Model calls in this run; ``sample``'s callback sees indices ``0 .. num_steps - 1``."""
-        return len(self.timesteps) - self.begin
-
-    @property
-    def run_timesteps(self) -> tuple[float, ...]:
-        return self.timesteps[self.begin:]
-
-    @property
-    def clip(self) -> bool:
-        c = self.config.clip_sample
-        return (self.name == "ddim") if c is None else (c and self.name in ("ddim", "heun"))
-
-
 # --------------------------------------------------------------------------------------------------------
 # Timestep spacing (diffusers set_timesteps); values reproduce numpy's linspace/arange/round bit for bit.
 
@@ -160,10 +125,16 @@ def _linspace(stop: float, num: int) -> list[float]:
     return [i * step for i in range(num - 1)] + [stop]
 
 
-def _base_timesteps(cfg: SchedulerConfig, name: str, spacing: str, n: int) -> list[float]:
-    """Descending train timesteps of the n inference steps."""
+def _float32(values: list[float]) -> list[float]:
+    """Values rounded to float32 (diffusers keeps schedules in float32 tensors)."""
+    return torch.tensor(values, dtype=torch.float64).float().double().tolist()
+
+
+def _base_timesteps(cfg: SchedulerConfig, family: Family, spacing: str, n: int) -> list[float]:
+    """Descending train timesteps of the n inference steps.  Multistep solvers space n + 1 points and
+    drop the last; discrete schedulers round to integers, k-samplers keep float32 values."""
     big_n = cfg.num_train_timesteps
-    multi = name in _MULTISTEP
+    multi = family == "multistep"
     if spacing == "trailing":  # round(np.arange(N, 0, -N / n)) - 1; numpy fills start + k * (v1 - start)
         step = -big_n / n
         delta = (big_n + step) - big_n
@@ -176,9 +147,9 @@ def _base_timesteps(cfg: SchedulerConfig, name: str, spacing: str, n: int) -> li
     if multi:  # linspace over n + 1 points, drop the final 0
         return [float(round(v)) for v in reversed(_linspace(big_n - 1, n + 1))][:-1]
     lin = list(reversed(_linspace(big_n - 1, n)))
-    if name in _DISCRETE:
+    if family == "discrete":
         return [float(round(v)) for v in lin]
-    return torch.tensor(lin, dtype=torch.float64).float().double().tolist()  # np.float32 cast, unrounded
+    return _float32(lin)  # np.float32 cast, unrounded
 
 
 def _interp(table: list[float], t: float) -> float:
@@ -202,6 +173,10 @@ def _sigma_to_t(sigma: float, log_table: list[float]) -> float:
     return (1 - w) * low + w * (low + 1)
 
 
+def _log(table: list[float]) -> list[float]:
+    return torch.tensor(table, dtype=torch.float32).log().double().tolist()
+
+
 def _alphas_cumprod(cfg: SchedulerConfig) -> Tensor:
     n = cfg.num_train_timesteps
     if cfg.beta_schedule == "linear":
@@ -212,74 +187,171 @@ def _alphas_cumprod(cfg: SchedulerConfig) -> Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def make_schedule(name: str, config: SchedulerConfig, steps: int, strength: float = 1.0) -> Schedule:
-    """Schedule for ``steps`` inference steps; ``strength < 1`` keeps the last ``int(steps * strength)``."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
+# --------------------------------------------------------------------------------------------------------
+# One layout per scheduler family: (config, steps, spacing, karras, sigma table) -> (timesteps, sigmas).
+
+
+def _discrete_layout(cfg: SchedulerConfig, steps: int, spacing: str, karras: bool, table: list[float]) -> Layout:
+    """DDIM / PNDM: integer train timesteps that index the alpha table; no sigmas."""
+    ts = _base_timesteps(cfg, "discrete", spacing, steps)
+    if max(ts) >= cfg.num_train_timesteps:  # e.g. leading spacing + steps_offset at steps == N
+        raise ValueError(f"{steps} steps with this spacing/steps_offset exceed the training timesteps")
+    return ts, []
+
+
+def _k_layout(cfg: SchedulerConfig, steps: int, spacing: str, karras: bool, table: list[float]) -> Layout:
+    """k-samplers: the table's sigma at each spaced timestep; Karras sigmas span that range and map
+    back to fractional (float32) timesteps."""
+    ts = _base_timesteps(cfg, "k", spacing, steps)
+    sig = [_interp(table, t) for t in ts]
+    if karras:
+        sig = _karras(sig[0], sig[-1], steps)
+        log_table = _log(table)
+        ts = _float32([_sigma_to_t(s, log_table) for s in sig])
+    return ts, _float32([*sig, 0.0])
+
+
+def _multistep_layout(cfg: SchedulerConfig, steps: int, spacing: str, karras: bool,
+                      table: list[float]) -> Layout:
+    """DPM-Solver++ / UniPC: as the k layout, but Karras sigmas span the whole table and their
+    timesteps are rounded to integers."""
+    ts = _base_timesteps(cfg, "multistep", spacing, steps)
+    sig = [_interp(table, t) for t in ts]
+    if karras:
+        sig = _karras(table[-1], table[0], steps)
+        log_table = _log(table)
+        ts = [float(round(_sigma_to_t(s, log_table))) for s in sig]
+    return ts, _float32([*sig, 0.0])
+
+
+_LAYOUTS: dict[Family, Callable[[SchedulerConfig, int, str, bool, list[float]], Layout]] = {
+    "discrete": _discrete_layout, "k": _k_layout, "multistep": _multistep_layout,
+}
+
+
+def _plms_warmup(ts: list[float], sig: list[float]) -> Layout:
+    """PLMS warm-up evaluates the second timestep twice."""
+    return (ts[:2] + ts[1:] if len(ts) > 1 else ts), sig
+
+
+def _heun_pairs(ts: list[float], sig: list[float]) -> Layout:
+    """Heun: every step but the last makes two model calls (predictor, corrector)."""
+    ts = ts[:1] + [t for t in ts[1:] for _ in (0, 1)]
+    return ts, sig[:1] + [s for s in sig[1:-1] for _ in (0, 1)] + sig[-1:]
+
+
+@dataclass(frozen=True)
+class ScheduleKind:
+    """One diffusers scheduler class's schedule rules (its ``set_timesteps`` and per-class defaults)."""
+
+    family: Family  # discrete: DDIM-style alpha table; k: state x0 + sigma eps; multistep: VP, n + 1 spacing
+    spacing: str = "linspace"  # timestep_spacing when the config has none
+    karras: Literal["never", "config", "always"] = "config"  # use Karras sigmas
+    clips: bool | None = None  # clip_sample default; None: never clips x0
+    alpha_to_one: bool = False  # set_alpha_to_one default (alpha past the last DDIM/PLMS step)
+    repeat: Callable[[list[float], list[float]], Layout] | None = None  # model calls beyond one per step
+    order: int = 1  # model calls per step (Heun: 2)
+
+
+DDIM = ScheduleKind("discrete", spacing="leading", karras="never", clips=True, alpha_to_one=True)
+PLMS = ScheduleKind("discrete", spacing="leading", karras="never", repeat=_plms_warmup)
+K = ScheduleKind("k")  # LMS, Euler
+K_NO_KARRAS = ScheduleKind("k", karras="never")  # Euler ancestral ignores use_karras_sigmas
+HEUN = ScheduleKind("k", clips=False, repeat=_heun_pairs, order=2)
+MULTISTEP = ScheduleKind("multistep")
+MULTISTEP_KARRAS = ScheduleKind("multistep", karras="always")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One sampling run.  ``timesteps``/``sigmas`` describe the full (strength 1) diffusers schedule; the
+    run starts at model call ``begin`` (diffusers' ``begin_index`` for img2img)."""
+
+    name: str
+    kind: ScheduleKind
+    config: SchedulerConfig
+    steps: int  # requested inference steps (diffusers' num_inference_steps)
+    begin: int  # index of this run's first model call in ``timesteps``
+    timesteps: tuple[float, ...]  # UNet timestep of every model call (heun: doubled, pndm: steps + 1)
+    sigmas: tuple[float, ...]  # sqrt((1-a)/a) per model call, then the final 0.0 (empty for ddim/pndm)
+    alphas_cumprod: tuple[float, ...]  # training table (float32 values), indexed by integer timestep
+    final_alpha_cumprod: float  # "alpha_prod_t_prev" past the last step (ddim/pndm)
+    init_noise_sigma: float
+
+    @property
+    def num_steps(self) -> int:
+        """Model calls in this run; ``sample``'s callback sees indices ``0 .. num_steps - 1``."""
+        return len(self.timesteps) - self.begin
+
+    @property
+    def k_space(self) -> bool:
+        """State ``x = x0 + sigma eps`` (k-diffusion); otherwise the VP state ``x_t`` itself."""
+        return self.kind.family == "k"
+
+    @property
+    def clip(self) -> bool:
+        """Clamp x0 estimates to ``clip_sample_range`` (only DDIM and Heun honour ``clip_sample``)."""
+        c = self.config.clip_sample
+        return bool(self.kind.clips) if c is None else (c and self.kind.clips is not None)
+
+    def noise_level(self, index: int) -> tuple[float, float]:
+        """(alpha, sigma) of ``x_t = alpha x0 + sigma eps`` at model call ``index``."""
+        if self.kind.family == "discrete":
+            a = self.alphas_cumprod[int(self.timesteps[index])]
+            return math.sqrt(a), math.sqrt(1 - a)
+        s = self.sigmas[index]
+        alpha = 1 / math.sqrt(s * s + 1)
+        return alpha, s * alpha
+
+
+def _kept_steps(config: SchedulerConfig, steps: int, strength: float) -> int:
+    """Validated arguments -> denoising steps of the run (diffusers get_timesteps)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if steps > config.num_train_timesteps:
         raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({config.num_train_timesteps})")
     if not (isinstance(strength, int | float) and 0.0 <= strength <= 1.0):
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    kept = min(int(steps * strength), steps)  # diffusers get_timesteps
+    kept = min(int(steps * strength), steps)
     if kept < 1:
         raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step")
+    return kept
 
+
+def _init_noise_sigma(kind: ScheduleKind, spacing: str, sigmas: list[float]) -> float:
+    if kind.family != "k":
+        return 1.0  # VP states start at unit variance
+    smax = max(sigmas)
+    return smax if spacing != "leading" else float(torch.tensor(math.sqrt(smax**2 + 1)).float())
+
+
+def build_schedule(name: str, kind: ScheduleKind, config: SchedulerConfig, steps: int,
+                   strength: float = 1.0) -> Schedule:
+    """Schedule of ``kind`` for ``steps`` inference steps; ``strength < 1`` keeps the last
+    ``int(steps * strength)`` (img2img)."""
+    kept = _kept_steps(config, steps, strength)
     ac32 = _alphas_cumprod(config)
-    ac = ac32.double().tolist()
     table = ((1 - ac32) / ac32).sqrt().double().tolist()  # sigma(t), float32 values as in diffusers
-    spacing = config.timestep_spacing or ("leading" if name in _DISCRETE else "linspace")
-    ts = _base_timesteps(config, name, spacing, steps)
-    karras = name == "dpmpp_2m_karras" or (config.use_karras_sigmas and name not in _DISCRETE | {"euler_a"})
-
-    sig: list[float] = []
-    if name in _DISCRETE:
-        if max(ts) >= config.num_train_timesteps:  # e.g. leading spacing + steps_offset at steps == N
-            raise ValueError(f"{steps} steps with this spacing/steps_offset exceed the training timesteps")
-        if name == "pndm" and steps > 1:  # PLMS warm-up evaluates the second timestep twice
-            ts = ts[:2] + ts[1:]
-    else:
-        sig = [_interp(table, t) for t in ts]
-        if karras:
-            log_table = torch.tensor(table, dtype=torch.float32).log().double().tolist()
-            # k-samplers span the interpolated sigmas of the spaced timesteps, multistep the whole table
-            hi, lo = (table[-1], table[0]) if name in _MULTISTEP else (sig[0], sig[-1])
-            sig = _karras(hi, lo, steps)
-            ts = [_sigma_to_t(s, log_table) for s in sig]
-            if name in _MULTISTEP:
-                ts = [float(round(t)) for t in ts]
-            else:
-                ts = torch.tensor(ts, dtype=torch.float64).float().double().tolist()
-        sig = torch.tensor([*sig, 0.0], dtype=torch.float64).float().double().tolist()
-        if name == "heun":  # Heun: every step but the last makes two model calls
-            ts = ts[:1] + [t for t in ts[1:] for _ in (0, 1)]
-            sig = sig[:1] + [s for s in sig[1:-1] for _ in (0, 1)] + sig[-1:]
-
-    if name in _VP:
-        init_sigma = 1.0
-    else:
-        smax = max(sig)
-        init_sigma = smax if spacing != "leading" else float(torch.tensor(math.sqrt(smax**2 + 1)).float())
-    one = name == "ddim" if config.set_alpha_to_one is None else config.set_alpha_to_one
-    order = 2 if name == "heun" else 1
+    spacing = config.timestep_spacing or kind.spacing
+    karras = {"never": False, "config": config.use_karras_sigmas, "always": True}[kind.karras]
+    ts, sig = _LAYOUTS[kind.family](config, steps, spacing, karras, table)
+    if kind.repeat is not None:
+        ts, sig = kind.repeat(ts, sig)
+    ac = ac32.double().tolist()
+    one = kind.alpha_to_one if config.set_alpha_to_one is None else config.set_alpha_to_one
     return Schedule(
-        name=name, config=config, steps=steps, begin=(steps - kept) * order, timesteps=tuple(ts),
-        sigmas=tuple(sig), alphas_cumprod=tuple(ac), final_alpha_cumprod=1.0 if one else ac[0],
-        init_noise_sigma=init_sigma,
+        name=name, kind=kind, config=config, steps=steps, begin=(steps - kept) * kind.order,
+        timesteps=tuple(ts), sigmas=tuple(sig), alphas_cumprod=tuple(ac),
+        final_alpha_cumprod=1.0 if one else ac[0], init_noise_sigma=_init_noise_sigma(kind, spacing, sig),
     )
 
 
 def _noised(schedule: Schedule, x0: Tensor, noise: Tensor, index: int) -> Tensor:
     """x0 at the noise level of absolute model call ``index``, in the sampler's state space."""
-    if schedule.name in _DISCRETE:
-        a = schedule.alphas_cumprod[int(schedule.timesteps[index])]
-        return math.sqrt(a) * x0 + math.sqrt(1 - a) * noise
-    s = schedule.sigmas[index]
-    if schedule.name in _VP:  # alpha = 1/sqrt(1+s^2), sigma_vp = s * alpha
-        a = 1 / math.sqrt(s * s + 1)
-        return a * x0 + (s * a) * noise
-    return x0 + s * noise
+    if schedule.k_space:
+        return x0 + schedule.sigmas[index] * noise
+    alpha, sigma = schedule.noise_level(index)
+    return alpha * x0 + sigma * noise
 
 
 def initial_latents(schedule: Schedule, noise: Tensor, image_latents: Tensor | None = None) -> Tensor:
@@ -302,22 +374,3 @@ def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor, step: int) -> Tenso
     if step == schedule.num_steps:
         return x0
     return _noised(schedule, x0, noise, schedule.begin + step)
-
-
-def sample(
-    schedule: Schedule,
-    model: ModelFn,
-    x: Tensor,
-    noise: NoiseFn,
-    eta: float = 0.0,
-    callback: Callable[[int, Tensor], Tensor] | None = None,
-) -> Tensor:
-    """Run all model calls of ``schedule`` from state ``x``; returns the denoised latents x0.
-
-    ``eta`` is DDIM's stochasticity (0: deterministic DDIM, 1: DDPM-like); other samplers ignore it
-    (euler_a is always fully ancestral).  ``noise()`` is called for step noise by euler_a and by ddim
-    with eta > 0 (once per step, as diffusers draws it).  ``callback(i, x)`` runs after model call i.
-    """
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    return SAMPLERS[schedule.name](schedule, model, x, noise, float(eta), callback)

@@ -21,15 +21,8 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 __array__ notes in diffusers
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_module  # noqa: E402
 
-from runtime.schedulers import (  # noqa: E402
-    SCHEDULERS,
-    SchedulerConfig,
-    _base_timesteps,
-    add_noise,
-    initial_latents,
-    make_schedule,
-    sample,
-)
+from runtime.samplers import SCHEDULER_NAMES, make_schedule, sample  # noqa: E402
+from runtime.schedulers import SchedulerConfig, _base_timesteps, add_noise, initial_latents  # noqa: E402
 
 SD1: dict[str, Any] = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
@@ -167,7 +160,7 @@ def test_parity_karras_config(name: str) -> None:
         assert_close(ours(name, c, steps, noise), diffusers_loop(name, c, steps, noise))
 
 
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
 @pytest.mark.parametrize("spacing", [None, "leading", "trailing", "linspace"])
 def test_schedule_matches_diffusers_timesteps(name: str, spacing: str | None) -> None:
     cfg = SD1 if spacing is None else {**SD1, "timestep_spacing": spacing}
@@ -194,15 +187,15 @@ def test_spacing_rules_all_step_counts() -> None:
         cfg = SchedulerConfig.from_dict(SD1)
         for n in range(1, 1000):
             sch.set_timesteps(n)
-            assert _base_timesteps(cfg, "ddim", spacing, n) == sch.timesteps.double().tolist(), (spacing, n)
+            assert _base_timesteps(cfg, "discrete", spacing, n) == sch.timesteps.double().tolist(), (spacing, n)
     cfg = SchedulerConfig()
     for n in range(1, 1001):  # spacing variants of the k-diffusion and multistep schedulers
         k_lin = np.linspace(0, 999, n, dtype=np.float32)[::-1]
-        assert _base_timesteps(cfg, "euler", "linspace", n) == k_lin.astype(float).tolist(), n
+        assert _base_timesteps(cfg, "k", "linspace", n) == k_lin.astype(float).tolist(), n
         m_lin = np.linspace(0, 999, n + 1).round()[::-1][:-1]
-        assert _base_timesteps(cfg, "unipc", "linspace", n) == m_lin.tolist(), n
+        assert _base_timesteps(cfg, "multistep", "linspace", n) == m_lin.tolist(), n
         m_lead = (np.arange(0, n + 1) * (1000 // (n + 1))).round()[::-1][:-1]
-        assert _base_timesteps(cfg, "unipc", "leading", n) == m_lead.astype(float).tolist(), n
+        assert _base_timesteps(cfg, "multistep", "leading", n) == m_lead.astype(float).tolist(), n
 
 
 # ---------------------------------------------------------------------------------- img2img and inpaint
@@ -233,7 +226,7 @@ def test_parity_inpaint_blend(name: str) -> None:
 
 def test_add_noise_semantics() -> None:
     image, noise = start_noise(1), start_noise(2)
-    for name in SCHEDULERS:
+    for name in SCHEDULER_NAMES:
         sched = make_schedule(name, SchedulerConfig.from_dict(SD1), 10, 0.5)
         assert torch.equal(add_noise(sched, image, noise, sched.num_steps), image)
         assert torch.equal(add_noise(sched, image, noise, 0), initial_latents(sched, noise, image))
@@ -249,7 +242,7 @@ def test_callback_sees_every_model_call() -> None:
         seen.append(i)
         return x
 
-    for name in SCHEDULERS:
+    for name in SCHEDULER_NAMES:
         sched = make_schedule(name, SchedulerConfig.from_dict(SD1), 6, 0.5)
         seen.clear()
         sample(sched, fake_unet, initial_latents(sched, start_noise(), start_noise(1)), start_noise, 0.0, cb)
