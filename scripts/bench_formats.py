@@ -68,8 +68,8 @@ def main() -> None:
     else:
         if not args.model:
             ap.error("give a MODEL to build, or --existing ARTIFACT")
-        from sdexport.cli import open_model
         from sdexport.export.build import BuildOptions, build
+        from sdexport.presets import open_model
 
         with tempfile.TemporaryDirectory() as tmp:
             for fmt in args.formats.split(","):

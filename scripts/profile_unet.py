@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from sdexport.bench import make_inputs
-    from sdexport.cli import open_model
+    from sdexport.presets import open_model
 
     device, dtype = torch.device(args.device), torch.float16 if args.half else torch.float32
     sd = open_model(args.model).to(device, dtype).attention_backend(args.backend)

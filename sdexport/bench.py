@@ -18,11 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import runtime
+from runtime import ops
 from runtime.artifact import ArtifactBackend
 from runtime.backend import Backend, ModelInfo
+from runtime.manifest import DTYPES
 from runtime.pipeline import Pipeline
-from sdexport.models.layers import Backend as Kernels
+from sdexport.models.layers import Kernels
 from sdexport.pipeline import StableDiffusion
+from sdexport.presets import PUBLISHED, SMALL, open_model, preset_config
 
 Log = Callable[[str], None]
 COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "vae_encode")
@@ -38,7 +42,7 @@ class BenchOptions:
     height: int | None = None
     steps: int = 20
     repeat: int = 5
-    backends: list[str] = field(default_factory=lambda: ["reference", "sdpa", "fused"])
+    backends: list[str] = field(default_factory=lambda: [k.value for k in Kernels])
     diffusers: bool = True
     torch_compile: bool = False
 
@@ -133,10 +137,10 @@ class DiffusersBackend:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        cfgs = _configs(sd)
-        unet: Any = UNet2DConditionModel(**cfgs["unet"])  # type: ignore[no-untyped-call]
-        vae: Any = AutoencoderKL(**cfgs["vae"])  # type: ignore[no-untyped-call]
-        text: Any = CLIPTextModel(CLIPTextConfig(**cfgs["text"]))
+        cfgs = sd.configs
+        unet: Any = UNet2DConditionModel(**cfgs.unet)  # type: ignore[no-untyped-call]
+        vae: Any = AutoencoderKL(**cfgs.vae)  # type: ignore[no-untyped-call]
+        text: Any = CLIPTextModel(CLIPTextConfig(**cfgs.text_encoder))
         unet.load_state_dict(sd.unet.state_dict())
         vae.load_state_dict(sd.vae.state_dict())
         # transformers 4 nests the modules under text_model; 5 does not (our keys follow 5)
@@ -171,24 +175,7 @@ class DiffusersBackend:
         return out
 
 
-def _configs(sd: StableDiffusion) -> dict[str, dict[str, Any]]:
-    from sdexport.presets import PRESETS, preset_config
-
-    name = sd.info.name.removesuffix("-random")
-    if name in PRESETS:
-        cfg = preset_config(name)
-        return {"unet": cfg["unet"], "vae": cfg["vae"], "text": cfg["text_encoder"]}
-    if sd.source is None:
-        raise ValueError("diffusers comparison needs a preset or a checkpoint path")
-    from sdexport.loading import load_checkpoint
-
-    ck = load_checkpoint(sd.source)
-    return {"unet": ck.unet_config, "vae": ck.vae_config, "text": ck.text_config}
-
-
 def _native_size(model: str) -> int:
-    from sdexport.presets import PUBLISHED, SMALL, preset_config
-
     if model in SMALL:
         return 128
     if model in PUBLISHED:
@@ -210,66 +197,82 @@ def _diff(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
-    from sdexport.cli import open_model
+class _Rows:
+    """The result rows; the first recorded path is the reference of every difference."""
 
+    def __init__(self, inp: Inputs, opts: BenchOptions, height: int, width: int, device: torch.device,
+                 log: Log) -> None:
+        self.inp, self.opts, self.height, self.width, self.device, self.log = inp, opts, height, width, device, log
+        self.rows: list[dict[str, Any]] = []
+        self.reference: dict[str, Tensor] = {}
+
+    def record(self, path: str, be: Backend) -> None:
+        self.log(f"timing {path} ...")
+        ms, outs = bench_backend(be, self.inp, self.opts.steps, self.height, self.width, self.opts.repeat,
+                                 self.device)
+        if not self.reference:
+            self.reference.update(outs)
+        diffs = {k: _diff(outs[k], self.reference[k]) for k in outs}
+        self.rows.append({"path": path, "ms": ms, "max_abs_diff": diffs})
+
+
+def _eager_rows(sd: StableDiffusion, rows: _Rows) -> None:
+    order = ["sdpa"] + [b for b in rows.opts.backends if b != "sdpa"]  # sdpa first: it is the reference
+    for name in order:
+        if name == "fused" and not ops.available():
+            rows.log("skipping eager fused: op library not built")
+            continue
+        sd.attention_backend(Kernels(name))
+        rows.record(f"eager {name}", sd.backend)
+    sd.attention_backend(Kernels.SDPA)
+
+
+def _artifact_rows(rows: _Rows) -> None:
+    for art in rows.opts.artifacts:
+        t0 = time.perf_counter()
+        pipe = runtime.load(art, device=rows.opts.device)
+        assert isinstance(pipe.backend, ArtifactBackend)
+        rows.log(f"loaded {art} in {time.perf_counter() - t0:.2f}s")
+        rows.record(f"artifact {pipe.backend.manifest.format} ({art})", pipe.backend)
+
+
+def _diffusers_rows(sd: StableDiffusion, rows: _Rows) -> None:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        rows.log("diffusers not installed: skipping its rows")
+        return
+    rows.record("diffusers eager", DiffusersBackend(sd, compile_unet=False))
+    if rows.opts.torch_compile:
+        rows.record("diffusers + torch.compile", DiffusersBackend(sd, compile_unet=True))
+
+
+def _meta(opts: BenchOptions, device: torch.device, dtype_name: str, height: int, width: int) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "model": opts.model, "device": opts.device, "device_name": device_name,
+        "threads": torch.get_num_threads(), "dtype": dtype_name,
+        "size": f"{width}x{height}", "steps": opts.steps, "repeat": opts.repeat,
+        "torch": torch.__version__, "revision": _git_revision(),
+    }
+
+
+def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
+    """Every requested path timed on the same inputs: eager kernels, artifacts, diffusers."""
     device = torch.device(opts.device)
-    dtype = torch.float16 if opts.half else torch.float32
+    dtype_name = "float16" if opts.half else "float32"
+    dtype = DTYPES[dtype_name]
     sd = open_model(opts.model).to(device, dtype)
     height = opts.height or _native_size(opts.model)
     width = opts.width or height
-    inp = make_inputs(sd, height, width, device, dtype)
-    rows: list[dict[str, Any]] = []
-    reference: dict[str, Tensor] = {}
-
-    def record(path: str, be: Backend) -> None:
-        log(f"timing {path} ...")
-        ms, outs = bench_backend(be, inp, opts.steps, height, width, opts.repeat, device)
-        if not reference:
-            reference.update(outs)
-        diffs = {k: _diff(outs[k], reference[k]) for k in outs}
-        rows.append({"path": path, "ms": ms, "max_abs_diff": diffs})
-
-    order = ["sdpa"] + [b for b in opts.backends if b != "sdpa"]  # sdpa first: it is the reference
-    for name in order:
-        if name == "fused":
-            from runtime import ops
-
-            if not ops.available():
-                log("skipping eager fused: op library not built")
-                continue
-        sd.attention_backend(Kernels(name))
-        record(f"eager {name}", sd.backend)
-    sd.attention_backend(Kernels.SDPA)
-    for art in opts.artifacts:
-        import runtime
-
-        t0 = time.perf_counter()
-        pipe = runtime.load(art, device=opts.device)
-        assert isinstance(pipe.backend, ArtifactBackend)
-        log(f"loaded {art} in {time.perf_counter() - t0:.2f}s")
-        record(f"artifact {pipe.backend.manifest.format} ({art})", pipe.backend)
+    rows = _Rows(make_inputs(sd, height, width, device, dtype), opts, height, width, device, log)
+    _eager_rows(sd, rows)
+    _artifact_rows(rows)
     if opts.diffusers:
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            log("diffusers not installed: skipping its rows")
-        else:
-            record("diffusers eager", DiffusersBackend(sd, compile_unet=False))
-            if opts.torch_compile:
-                record("diffusers + torch.compile", DiffusersBackend(sd, compile_unet=True))
-    return {
-        "meta": {
-            "date": datetime.date.today().isoformat(),
-            "model": opts.model, "device": opts.device,
-            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
-            or platform.machine(),
-            "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
-            "size": f"{width}x{height}", "steps": opts.steps, "repeat": opts.repeat,
-            "torch": torch.__version__, "revision": _git_revision(),
-        },
-        "rows": rows,
-    }
+        _diffusers_rows(sd, rows)
+    return {"meta": _meta(opts, device, dtype_name, height, width), "rows": rows.rows}
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +13,16 @@ from typing import Any, TypeVar
 
 import click
 
+from runtime.manifest import FORMATS
+from runtime.samplers import SCHEDULER_NAMES
+from sdexport.bench import BenchOptions
+from sdexport.export.build import DEVICES, KERNELS, BuildOptions
+from sdexport.presets import open_model
+
 F = TypeVar("F", bound=Callable[..., Any])
+# The click defaults of the build options are BuildOptions' own.
+BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildOptions)}
+BENCH_DEFAULTS = BenchOptions(model="").__dict__
 
 
 def _friendly(fn: F) -> F:
@@ -27,16 +38,6 @@ def _friendly(fn: F) -> F:
             raise click.ClickException(str(e)) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def open_model(model: str, prediction_type: str | None = None) -> Any:
-    """A preset name (demo, medium, sd15, ...) or a checkpoint path -> StableDiffusion."""
-    from sdexport.pipeline import StableDiffusion
-    from sdexport.presets import PRESETS, random_pipeline
-
-    if model in PRESETS and not Path(model).exists():
-        return random_pipeline(model)
-    return StableDiffusion.from_pretrained(model, prediction_type=prediction_type)
 
 
 def _stage_bar(label: str) -> tuple[Callable[[str], None], Callable[[], None]]:
@@ -65,15 +66,16 @@ def main() -> None:
 @main.command()
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="artifact directory")
-@click.option("--format", "fmt", type=click.Choice(["aoti", "pt2", "torchscript", "onnx"]), default="aoti",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=BUILD_DEFAULTS["format"], show_default=True)
 @click.option("--half", is_flag=True, help="fp16 weights and compute")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--kernels", type=click.Choice(["fused", "native"]), default="fused", show_default=True)
-@click.option("--max-batch", type=int, default=4, show_default=True, help="images per call")
-@click.option("--min-size", type=int, default=256, show_default=True, help="pixels")
-@click.option("--max-size", type=int, default=1024, show_default=True, help="pixels")
-@click.option("--max-chunks", type=int, default=3, show_default=True, help="77-token prompt chunks")
+@click.option("--device", type=click.Choice(DEVICES), default=BUILD_DEFAULTS["device"], show_default=True)
+@click.option("--kernels", type=click.Choice(KERNELS), default=BUILD_DEFAULTS["kernels"], show_default=True)
+@click.option("--max-batch", type=int, default=BUILD_DEFAULTS["max_batch"], show_default=True,
+              help="images per call")
+@click.option("--min-size", type=int, default=BUILD_DEFAULTS["min_size"], show_default=True, help="pixels")
+@click.option("--max-size", type=int, default=BUILD_DEFAULTS["max_size"], show_default=True, help="pixels")
+@click.option("--max-chunks", type=int, default=BUILD_DEFAULTS["max_chunks"], show_default=True,
+              help="77-token prompt chunks")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="override (single-file SD 2 768 checkpoints need v_prediction)")
 @click.option("--force", is_flag=True, help="replace an existing artifact")
@@ -81,7 +83,6 @@ def main() -> None:
 def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str, max_batch: int,
           min_size: int, max_size: int, max_chunks: int, prediction_type: str | None, force: bool) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or a preset) into an artifact."""
-    from sdexport.export.build import BuildOptions
     from sdexport.export.build import build as run_build
 
     opts = BuildOptions(format=fmt, half=half, device=device, kernels=kernels, max_batch=max_batch,
@@ -90,7 +91,7 @@ def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str
     t0 = time.perf_counter()
     sd = open_model(model, prediction_type)
     step, close = _stage_bar(f"build {fmt}")
-    report = run_build(sd, out, opts, overwrite=force, progress=step)
+    report = run_build(sd, out, opts, overwrite=force, on_stage=step)
     close()
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f}s ({stages})")
@@ -113,7 +114,7 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
     t0 = time.perf_counter()
     sd = open_model(model, prediction_type)
     step, close = _stage_bar("refit")
-    manifest = run_refit(artifact, sd, out, overwrite=force, progress=step)
+    manifest = run_refit(artifact, sd, out, overwrite=force, on_stage=step)
     close()
     click.echo(f"wrote {out} ({manifest.model_name}) in {time.perf_counter() - t0:.1f}s")
 
@@ -123,11 +124,13 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 @click.option("-p", "--prompt", required=True)
 @click.option("-n", "--negative-prompt", default="")
 @click.option("--steps", type=int, default=28, show_default=True)
-@click.option("--cfg-scale", type=float, default=7.5, show_default=True)
+@click.option("--cfg-scale", type=float, default=7.5, show_default=True,
+              help="classifier-free guidance scale (the API's `scale`)")
 @click.option("-W", "--width", type=int, default=512, show_default=True)
 @click.option("-H", "--height", type=int, default=512, show_default=True)
-@click.option("-s", "--seed", type=int, default=None)
-@click.option("--sampler", default="ddim", show_default=True)
+@click.option("-s", "--seed", type=int, default=None, help="first seed; the batch's images take the next ones")
+@click.option("--sampler", type=click.Choice(SCHEDULER_NAMES), default="ddim", show_default=True,
+              help="the API's `scheduler`")
 @click.option("-b", "--batch-size", type=int, default=1, show_default=True)
 @click.option("--strength", type=float, default=None, help="img2img / inpaint strength")
 @click.option("-i", "--init", "init_image", type=click.Path(exists=True, path_type=Path), default=None)
@@ -168,7 +171,10 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
             bars.append(tqdm(total=n, desc="sampling", unit="step"))
         bars[0].update(i - bars[0].n)
 
-    common: dict[str, Any] = dict(steps=steps, scale=cfg_scale, seed=seed, scheduler=sampler,
+    # The seeds are chosen here (A1111's convention: consecutive), so that the files can be named by them.
+    first = secrets.randbelow(2**32) if seed is None else seed
+    seeds = [first + i for i in range(batch_size)]
+    common: dict[str, Any] = dict(steps=steps, scale=cfg_scale, seed=seeds, scheduler=sampler,
                                   batch_size=batch_size, progress=progress)
     t1 = time.perf_counter()
     if image is None:
@@ -182,9 +188,8 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
     for bar in bars:
         bar.close()
     out.mkdir(parents=True, exist_ok=True)
-    for img in images:
-        seed_text = img.info["parameters"].split("Seed: ")[1].split(",")[0]
-        path = save_png(img, _free_name(out, f"{seed_text}.png"))
+    for img, img_seed in zip(images, seeds, strict=True):
+        path = save_png(img, _free_name(out, f"{img_seed}.png"))
         click.echo(f"wrote {path}")
     click.echo(f"load {loaded:.2f}s, generate {time.perf_counter() - t1:.2f}s")
 
@@ -240,9 +245,8 @@ def inspect(artifact: Path) -> None:
 
 @main.command()
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["aoti", "pt2", "torchscript", "onnx"]), default="aoti",
-              show_default=True)
-@click.option("--kernels", type=click.Choice(["fused", "native"]), default="fused", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=BUILD_DEFAULTS["format"], show_default=True)
+@click.option("--kernels", type=click.Choice(KERNELS), default=BUILD_DEFAULTS["kernels"], show_default=True)
 @_friendly
 def demo(out: Path, fmt: str, kernels: str) -> None:
     """Build the tiny random-weight demo model, load it with the runtime, generate one image."""
@@ -251,7 +255,6 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
 
     import runtime
     from runtime.png import save_png
-    from sdexport.export.build import BuildOptions
     from sdexport.export.build import build as run_build
     from sdexport.presets import random_pipeline
 
@@ -273,7 +276,7 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
     art = out / f"demo-{fmt}"
     step, close = _stage_bar(f"build {fmt}")
     run_build(sd, art, BuildOptions(format=fmt, kernels=kernels, max_batch=2, min_size=64, max_size=256),
-              overwrite=True, progress=step)
+              overwrite=True, on_stage=step)
     close()
     t_build = time.perf_counter() - t1 - t_eager
     t2 = time.perf_counter()
@@ -299,13 +302,15 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--artifact", "artifacts", multiple=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True)
 @click.option("--half", is_flag=True)
 @click.option("-W", "--width", type=int, default=None, help="default: the model's native size")
 @click.option("-H", "--height", type=int, default=None)
-@click.option("--steps", type=int, default=20, show_default=True, help="steps of the whole-image timing")
-@click.option("--repeat", type=int, default=5, show_default=True)
-@click.option("--backends", default="reference,sdpa,fused", show_default=True)
+@click.option("--steps", type=int, default=BENCH_DEFAULTS["steps"], show_default=True,
+              help="steps of the whole-image timing")
+@click.option("--repeat", type=int, default=BENCH_DEFAULTS["repeat"], show_default=True)
+@click.option("--backends", default=",".join(BENCH_DEFAULTS["backends"]), show_default=True,
+              help="eager kernels to time, comma-separated")
 @click.option("--diffusers/--no-diffusers", "with_diffusers", default=True, show_default=True)
 @click.option("--compile/--no-compile", "with_compile", default=False, show_default=True,
               help="also time diffusers + torch.compile")
@@ -315,7 +320,7 @@ def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, widt
           height: int | None, steps: int, repeat: int, backends: str, with_diffusers: bool,
           with_compile: bool, json_path: Path | None) -> None:
     """Time text encoder, UNet step (CFG batch 2), VAE decode/encode and a whole image, per path."""
-    from sdexport.bench import BenchOptions, format_table, run_bench
+    from sdexport.bench import format_table, run_bench
 
     opts = BenchOptions(model=model, artifacts=list(artifacts), device=device, half=half, width=width,
                         height=height, steps=steps, repeat=repeat,

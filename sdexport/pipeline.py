@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +14,38 @@ from torch import Tensor
 from runtime.backend import ModelInfo
 from runtime.pipeline import Pipeline
 from runtime.tokenizer import ClipTokenizer
-from sdexport.loading import Checkpoint, load_checkpoint
+from sdexport.export.build import BuildOptions, build
+from sdexport.export.modules import pixel_multiple
+from sdexport.loading import PAD_TOKEN, Checkpoint, load_checkpoint
 from sdexport.loading.errors import load_strict
 from sdexport.models.config import TextEncoderConfig, UNetConfig, VAEConfig
-from sdexport.models.layers import Backend, set_attention_chunks, set_backend
-from sdexport.models.text_encoder import TextEncoder, strip_text_model_prefix
+from sdexport.models.layers import Kernels, set_attention_chunks, set_backend
+from sdexport.models.text_encoder import TextEncoder
 from sdexport.models.unet import UNet
 from sdexport.models.vae import VAE
+
+
+@dataclass(frozen=True)
+class SourceConfigs:
+    """The diffusers / transformers config dicts the modules were built from (what a diffusers copy of
+    the model needs, e.g. in `sdexport bench`)."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
 
 
 class EagerBackend:
     """A `runtime.backend.Backend` over the eager modules."""
 
     def __init__(self, unet: UNet, vae: VAE, text_encoder: TextEncoder, tokenizer: ClipTokenizer,
-                 info: ModelInfo) -> None:
+                 info: ModelInfo, configs: SourceConfigs) -> None:
         self.unet_module = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.info = info
+        self.configs = configs
 
     @property
     def device(self) -> torch.device:
@@ -42,8 +56,7 @@ class EagerBackend:
         return self.unet_module.dtype
 
     def check_shape(self, batch: int, height: int, width: int) -> None:
-        # Each UNet downsampling halves the latent; sizes must survive that and come back equal.
-        unit = 8 * 2 ** (len(self.unet_module.config.block_out_channels) - 1)
+        unit = pixel_multiple(self.unet_module, self.vae)
         for name, px in (("height", height), ("width", width)):
             if px % unit:
                 raise ValueError(f"{name} must be a multiple of {unit} px for this UNet, got {px}")
@@ -82,11 +95,8 @@ class StableDiffusion(Pipeline):
 
     backend: EagerBackend
 
-    def __init__(self, backend: EagerBackend, scheduler_config: Mapping[str, Any], source: Path | None,
-                 low_ram: bool = False) -> None:
+    def __init__(self, backend: EagerBackend, low_ram: bool = False) -> None:
         super().__init__(backend, low_ram=low_ram)
-        self.scheduler_config = dict(scheduler_config)
-        self.source = source
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -104,7 +114,7 @@ class StableDiffusion(Pipeline):
                               model_hash=_model_hash(ck.source), device="meta")
         load_strict(sd.unet, ck.unet, "unet")
         load_strict(sd.vae, ck.vae, "vae")
-        load_strict(sd.text_encoder, strip_text_model_prefix(ck.text_encoder), "text_encoder")
+        load_strict(sd.text_encoder, ck.text_encoder, "text_encoder")
         # transformers' CLIP keeps a non-persistent position_ids buffer, absent from state dicts
         emb: Any = sd.text_encoder.embeddings
         if getattr(emb, "position_ids", None) is not None and emb.position_ids.is_meta:
@@ -113,7 +123,6 @@ class StableDiffusion(Pipeline):
         left = [n for m in sd.modules() for n, t in (*m.named_parameters(), *m.named_buffers()) if t.is_meta]
         if left:
             raise RuntimeError(f"tensors left unloaded: {left[:5]}")
-        sd.source = ck.source
         return sd
 
     @classmethod
@@ -130,19 +139,18 @@ class StableDiffusion(Pipeline):
         if tokenizer_dir is not None:
             tokenizer = ClipTokenizer.from_folder(tokenizer_dir)
         else:
-            tokenizer = ClipTokenizer.bundled(pad="!" if family == "sd2" else "<|endoftext|>")
+            tokenizer = ClipTokenizer.bundled(pad=PAD_TOKEN[family])
         info = ModelInfo(family=family, unet_in_channels=unet.config.in_channels,
                          latent_channels=vae.config.latent_channels, scaling_factor=vae.scaling_factor,
                          scheduler_config=dict(scheduler_config), name=name, hash=model_hash)
         for m in (unet, vae, text):
             m.eval().requires_grad_(False)
-        return cls(EagerBackend(unet, vae, text, tokenizer, info), scheduler_config, None)
+        configs = SourceConfigs(dict(unet_config), dict(vae_config), dict(text_config))
+        return cls(EagerBackend(unet, vae, text, tokenizer, info, configs))
 
     def export(self, out: str | Path, *, overwrite: bool = False, **options: Any) -> Path:
         """Build an artifact (see `sdexport build`); options are `BuildOptions` fields:
-        format, half, device, kernels, max_batch, min_size, max_size, max_chunks."""
-        from sdexport.export.build import BuildOptions, build
-
+        format, half, device, kernels, max_batch, min_size, max_size, max_chunks. `self` is unchanged."""
         return build(self, out, BuildOptions(**options), overwrite=overwrite).path
 
     # ---- modules ----------------------------------------------------------------------------
@@ -165,6 +173,10 @@ class StableDiffusion(Pipeline):
     @property
     def info(self) -> ModelInfo:
         return self.backend.info
+
+    @property
+    def configs(self) -> SourceConfigs:
+        return self.backend.configs
 
     def modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.unet, self.vae, self.text_encoder)
@@ -207,9 +219,9 @@ class StableDiffusion(Pipeline):
             set_attention_chunks(m, chunks)
         return self
 
-    def attention_backend(self, backend: Backend | str) -> StableDiffusion:
+    def attention_backend(self, backend: Kernels | str) -> StableDiffusion:
         """Select the kernels of the fused call sites: `reference`, `sdpa` or `fused`."""
-        b = backend if isinstance(backend, Backend) else Backend(backend)
+        b = backend if isinstance(backend, Kernels) else Kernels(backend)
         for m in self.modules():
             set_backend(m, b)
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,3 +73,11 @@ def random_pipeline(name: str, seed: int = 0) -> StableDiffusion:
     torch.manual_seed(seed)
     return StableDiffusion.from_configs(cfg["family"], cfg["unet"], cfg["vae"], cfg["text_encoder"],
                                         cfg["scheduler"], name=f"{name}-random")
+
+
+def open_model(model: str, prediction_type: str | None = None) -> StableDiffusion:
+    """A preset name (demo, medium, sd15, ...; unless a file of that name exists) with random weights, or
+    a checkpoint path (diffusers folder, .safetensors / .ckpt)."""
+    if model in PRESETS and not Path(model).exists():
+        return random_pipeline(model)
+    return StableDiffusion.from_pretrained(model, prediction_type=prediction_type)

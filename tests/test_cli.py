@@ -90,7 +90,7 @@ def test_generate_img2img_and_inpaint_from_checkpoint(sd1_folder: Path, tmp_path
     [
         (["generate", "no/such/model", "-p", "x"], "no/such/model"),
         (["generate", "demo", "-p", "x", "-W", "100"], "width must be a positive multiple of 8"),
-        (["generate", "demo", "-p", "x", "--sampler", "magic", "--steps", "1"], "unknown scheduler 'magic'"),
+        (["generate", "demo", "-p", "x", "--sampler", "magic", "--steps", "1"], "'magic' is not one of 'ddim'"),
         (["build", "demo", "-o", "x", "--min-size", "100"], "min_size must be a multiple of 64"),
     ],
 )

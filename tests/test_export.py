@@ -281,6 +281,30 @@ def test_half_artifact_is_within_fp16_tolerance_of_fp32(sd1_folder: Path, tmp_pa
     assert (out - ref).abs().max().item() <= 2e-2
 
 
+def _call_sites(sd: StableDiffusion) -> list[tuple[str, Any, int]]:
+    """(name, kernels, attention chunks) of every fused call site."""
+    return [(f"{i}.{name}", m.backend, getattr(m, "chunks", 1)) for i, root in enumerate(sd.modules())
+            for name, m in root.named_modules() if hasattr(m, "backend")]
+
+
+def test_export_leaves_the_model_unchanged(sd1_folder: Path, tmp_path: Path) -> None:
+    """A build runs on copies: the caller's model keeps its dtype, device, kernels, chunks and outputs."""
+    sd = StableDiffusion.from_pretrained(sd1_folder).split_attention(2)
+    lat = _jobs()["lat1"]
+    before = sd.text2img("a (red):1.3 fox", steps=2, height=64, width=64, latents=lat, output="tensor")
+    sites = _call_sites(sd)
+    state = {f"{i}.{k}": v.clone() for i, m in enumerate(sd.modules()) for k, v in m.state_dict().items()}
+    sd.export(tmp_path / "half", format="pt2", half=True, kernels=_kernels(), **OPTIONS)
+    assert sd.backend.dtype == torch.float32 and sd.backend.device == torch.device("cpu")
+    assert all(t.dtype != torch.float16 for m in sd.modules() for t in (*m.parameters(), *m.buffers()))
+    assert _call_sites(sd) == sites and sites
+    after = {f"{i}.{k}": v for i, m in enumerate(sd.modules()) for k, v in m.state_dict().items()}
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    again = sd.text2img("a (red):1.3 fox", steps=2, height=64, width=64, latents=lat, output="tensor")
+    assert isinstance(before, torch.Tensor) and isinstance(again, torch.Tensor)
+    assert torch.equal(before, again)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("fmt", ["pt2", "aoti"])

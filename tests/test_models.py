@@ -21,8 +21,8 @@ from torch.export import Dim
 from sdexport.models import (
     VAE,
     AttentionOp,
-    Backend,
     GroupNorm,
+    Kernels,
     TextEncoder,
     TextEncoderConfig,
     UNet,
@@ -308,7 +308,7 @@ def test_self_attention_ignores_token_weights() -> None:
 # backends
 
 
-def _with_backend(model: nn.Module, backend: Backend, chunks: int = 1) -> nn.Module:
+def _with_backend(model: nn.Module, backend: Kernels, chunks: int = 1) -> nn.Module:
     m = copy.deepcopy(model)
     set_backend(m, backend)
     set_attention_chunks(m, chunks)
@@ -316,11 +316,11 @@ def _with_backend(model: nn.Module, backend: Backend, chunks: int = 1) -> nn.Mod
 
 
 def test_set_backend_reaches_every_call_site() -> None:
-    m = _with_backend(our_unet("sd1"), Backend.REFERENCE, chunks=3)
+    m = _with_backend(our_unet("sd1"), Kernels.REFERENCE, chunks=3)
     sites = [x for x in m.modules() if isinstance(x, GroupNorm | AttentionOp | GEGLU)]
-    assert sites and all(x.backend is Backend.REFERENCE for x in sites)
+    assert sites and all(x.backend is Kernels.REFERENCE for x in sites)
     assert all(x.chunks == 3 for x in sites if isinstance(x, AttentionOp))
-    assert all(x.backend is Backend.SDPA for x in our_unet("sd1").modules() if isinstance(x, GroupNorm))
+    assert all(x.backend is Kernels.SDPA for x in our_unet("sd1").modules() if isinstance(x, GroupNorm))
     with pytest.raises(ValueError):
         set_attention_chunks(m, 0)
 
@@ -332,9 +332,9 @@ def test_backends_agree_unet(name: str) -> None:
     w = torch.rand(2, 7) * 2 - 0.5
     with torch.no_grad():
         sdpa = model(**inp, token_weights=w)
-        ref = _with_backend(model, Backend.REFERENCE)(**inp, token_weights=w)
-        chunked = _with_backend(model, Backend.SDPA, chunks=3)(**inp, token_weights=w)
-        ref_chunked = _with_backend(model, Backend.REFERENCE, chunks=5)(**inp, token_weights=w)
+        ref = _with_backend(model, Kernels.REFERENCE)(**inp, token_weights=w)
+        chunked = _with_backend(model, Kernels.SDPA, chunks=3)(**inp, token_weights=w)
+        ref_chunked = _with_backend(model, Kernels.REFERENCE, chunks=5)(**inp, token_weights=w)
     for other in (ref, chunked, ref_chunked):
         assert rel_err(sdpa, other) <= 1e-5
 
@@ -344,7 +344,7 @@ def test_backends_agree_vae() -> None:
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a = vae.decode(z)
-        b = _with_backend(vae, Backend.REFERENCE, chunks=4).decode(z)  # type: ignore[operator]
+        b = _with_backend(vae, Kernels.REFERENCE, chunks=4).decode(z)  # type: ignore[operator]
     assert rel_err(a, b) <= 1e-5
 
 
@@ -368,16 +368,16 @@ def test_fused_backend_agrees() -> None:
     z = torch.randn(1, 4, 8, 8).to(dev)
     with torch.no_grad():
         sdpa = copy.deepcopy(model).to(dev)(**inp, token_weights=w)
-        fused = _with_backend(model, Backend.FUSED).to(dev)(**inp, token_weights=w)
+        fused = _with_backend(model, Kernels.FUSED).to(dev)(**inp, token_weights=w)
         dec = copy.deepcopy(vae).to(dev).decode(z)
-        dec_fused = _with_backend(vae, Backend.FUSED).to(dev).decode(z)  # type: ignore[operator]
+        dec_fused = _with_backend(vae, Kernels.FUSED).to(dev).decode(z)  # type: ignore[operator]
     assert rel_err(sdpa, fused) <= TOL
     assert rel_err(dec, dec_fused) <= TOL
 
 
 def test_fused_backend_exports_as_custom_ops() -> None:
     _fused_ops_or_skip()
-    model = _with_backend(our_unet("export"), Backend.FUSED)
+    model = _with_backend(our_unet("export"), Kernels.FUSED)
     inp = unet_inputs("export")
     args = (inp["sample"], inp["timestep"], inp["context"], torch.rand(2, 7) * 2 - 0.5)
     ep = torch.export.export(model, args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
@@ -10,19 +11,71 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
-from runtime.manifest import FORMATS, MANIFEST, Manifest, ShapeRange, hash_tree
+from runtime.backend import ModelInfo
+from runtime.manifest import DTYPES, FORMATS, MANIFEST, Manifest, ShapeRange, hash_tree
+from runtime.tokenizer import ClipTokenizer
 from sdexport.export import formats
-from sdexport.export.modules import ShapeSpec, TextEncode, UNetStep, VAEDecode, VAEMoments
-from sdexport.models.layers import Backend
-from sdexport.pipeline import StableDiffusion
+from sdexport.export.modules import (
+    SIZE_STEP,
+    ShapeSpec,
+    TextEncode,
+    UNetStep,
+    VAEDecode,
+    VAEMoments,
+    artifact_multiple,
+)
+from sdexport.models.layers import Kernels, set_backend
+from sdexport.models.text_encoder import TextEncoder
+from sdexport.models.unet import UNet
+from sdexport.models.vae import VAE
 
-Progress = Callable[[str], None]
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+KERNELS = ("fused", "native")  # our custom ops as graph nodes, or plain torch ops
+DEVICES = ("cpu", "cuda")
+StageCallback = Callable[[str], None]  # called with each module's name as its export starts
+M = TypeVar("M", bound=nn.Module)
+
+
+class Exportable(Protocol):
+    """What `build` and `refit` read from a model (`sdexport.StableDiffusion` is one)."""
+
+    @property
+    def unet(self) -> UNet: ...
+    @property
+    def vae(self) -> VAE: ...
+    @property
+    def text_encoder(self) -> TextEncoder: ...
+    @property
+    def tokenizer(self) -> ClipTokenizer: ...
+    @property
+    def info(self) -> ModelInfo: ...
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """The export copies of a model's modules (an `Exportable`)."""
+
+    unet: UNet
+    vae: VAE
+    text_encoder: TextEncoder
+    tokenizer: ClipTokenizer
+    info: ModelInfo
+
+
+def export_copy(module: M, device: torch.device, dtype: torch.dtype, kernels: Kernels) -> M:
+    """A copy of `module` cast like `module.to(device, dtype)` and set to `kernels`, leaving `module`
+    untouched. Tensors already on `device` in `dtype` are shared, not duplicated."""
+    memo: dict[int, Any] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        cast = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None)
+        memo[id(t)] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+    out = copy.deepcopy(module, memo)
+    set_backend(out, kernels)
+    return out
 
 
 @contextmanager
@@ -68,25 +121,30 @@ class BuildOptions:
     max_chunks: int = 3  # 77-token prompt chunks (3 -> prompts up to 225 tokens)
 
     def validate(self) -> None:
+        """Checks that need no model (`build` also checks the sizes against the UNet's multiple)."""
         if self.format not in FORMATS:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
-        if self.kernels not in ("fused", "native"):
-            raise ValueError(f"kernels must be 'fused' or 'native', got {self.kernels!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but this torch sees no CUDA device")
         if self.max_batch < 1 or self.max_chunks < 1:
             raise ValueError("max_batch and max_chunks must be >= 1")
         for name, px in (("min_size", self.min_size), ("max_size", self.max_size)):
-            if px < 64 or px % 64:
-                raise ValueError(f"{name} must be a multiple of 64 px (>= 64), got {px}")
+            if px < SIZE_STEP or px % SIZE_STEP:
+                raise ValueError(f"{name} must be a multiple of {SIZE_STEP} px (>= {SIZE_STEP}), got {px}")
         if self.min_size > self.max_size:
             raise ValueError(f"min_size {self.min_size} exceeds max_size {self.max_size}")
 
     @property
+    def dtype_name(self) -> str:
+        return "float16" if self.half else "float32"
+
+    @property
     def dtype(self) -> torch.dtype:
-        return torch.float16 if self.half else torch.float32
+        return DTYPES[self.dtype_name]
 
 
 @dataclass
@@ -95,14 +153,14 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def export_modules(sd: StableDiffusion) -> dict[str, nn.Module]:
+def export_modules(sd: Exportable) -> dict[str, nn.Module]:
     """The four exported functions of an artifact, sharing `sd`'s parameters; their state-dict names
     are the names of the artifact's weights."""
     return {"text_encoder": TextEncode(sd.text_encoder), "unet": UNetStep(sd.unet),
             "vae_decoder": VAEDecode(sd.vae), "vae_encoder": VAEMoments(sd.vae)}
 
 
-def _modules(sd: StableDiffusion, spec: ShapeSpec, dtype: torch.dtype,
+def _modules(sd: Exportable, spec: ShapeSpec, dtype: torch.dtype,
              device: torch.device) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], Any]]:
     unet_cfg = sd.unet.config
     examples = {
@@ -114,14 +172,11 @@ def _modules(sd: StableDiffusion, spec: ShapeSpec, dtype: torch.dtype,
     return {name: (module, *examples[name]) for name, module in export_modules(sd).items()}
 
 
-def _unet_multiple(sd: StableDiffusion) -> int:
-    return max(64, 8 * 2 ** (len(sd.unet.config.block_out_channels) - 1))  # type: ignore[no-any-return]
-
-
-def build(sd: StableDiffusion, out: str | Path, options: BuildOptions | None = None, *,
-          overwrite: bool = False, progress: Progress | None = None) -> BuildReport:
+def build(sd: Exportable, out: str | Path, options: BuildOptions | None = None, *,
+          overwrite: bool = False, on_stage: StageCallback | None = None) -> BuildReport:
     """Export `sd` into the artifact directory `out`, atomically: a failed or interrupted build leaves
-    no directory at `out` (the work happens in a hidden sibling directory renamed at the end)."""
+    no directory at `out` (the work happens in a hidden sibling directory renamed at the end).
+    `sd` itself is not changed: the export runs on copies cast to the build's device and dtype."""
     opts = options or BuildOptions()
     opts.validate()
     out = Path(out)
@@ -131,11 +186,14 @@ def build(sd: StableDiffusion, out: str | Path, options: BuildOptions | None = N
         from runtime import ops
 
         ops.load()
-    multiple = _unet_multiple(sd)
+    multiple = artifact_multiple(sd.unet, sd.vae)
     if opts.min_size % multiple or opts.max_size % multiple:
         raise ValueError(f"sizes must be multiples of {multiple} px for this UNet")
     device, dtype = torch.device(opts.device), opts.dtype
-    sd.to(device, dtype).attention_backend(Backend.FUSED if opts.kernels == "fused" else Backend.SDPA)
+    kernels = Kernels.FUSED if opts.kernels == "fused" else Kernels.SDPA
+    sd = _Copy(unet=export_copy(sd.unet, device, dtype, kernels), vae=export_copy(sd.vae, device, dtype, kernels),
+               text_encoder=export_copy(sd.text_encoder, device, dtype, kernels), tokenizer=sd.tokenizer,
+               info=sd.info)
     spec = ShapeSpec(opts.max_batch, opts.min_size, opts.max_size, opts.max_chunks, multiple)
 
     report = BuildReport(out)
@@ -144,8 +202,8 @@ def build(sd: StableDiffusion, out: str | Path, options: BuildOptions | None = N
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for name, (module, args, dyn) in _modules(sd, spec, dtype, device).items():
-                if progress:
-                    progress(name)
+                if on_stage:
+                    on_stage(name)
                 t0 = time.perf_counter()
                 entries[name] = formats.write(opts.format, name, module.eval(), args, dyn, tmp)
                 report.seconds[name] = time.perf_counter() - t0
@@ -155,7 +213,7 @@ def build(sd: StableDiffusion, out: str | Path, options: BuildOptions | None = N
     return report
 
 
-def model_fields(sd: StableDiffusion) -> dict[str, Any]:
+def model_fields(sd: Exportable) -> dict[str, Any]:
     """The manifest fields that describe the model (rather than the build)."""
     info = sd.info
     return dict(family=info.family, prediction_type=str(info.scheduler_config.get("prediction_type", "epsilon")),
@@ -164,7 +222,7 @@ def model_fields(sd: StableDiffusion) -> dict[str, Any]:
                 scheduler_config=dict(info.scheduler_config), model_name=info.name, model_hash=info.hash)
 
 
-def _manifest(sd: StableDiffusion, opts: BuildOptions, spec: ShapeSpec,
+def _manifest(sd: Exportable, opts: BuildOptions, spec: ShapeSpec,
               entries: dict[str, dict[str, str]]) -> Manifest:
     from runtime import ops
 
@@ -172,6 +230,6 @@ def _manifest(sd: StableDiffusion, opts: BuildOptions, spec: ShapeSpec,
         format=opts.format, **model_fields(sd),
         shapes=ShapeRange(max_batch=spec.max_batch, min_size=spec.min_size, max_size=spec.max_size,
                           multiple=spec.multiple, max_chunks=spec.max_chunks),
-        dtype=DTYPE_NAMES[opts.dtype], device=opts.device, torch_version=torch.__version__,
+        dtype=opts.dtype_name, device=opts.device, torch_version=torch.__version__,
         op_library_version=ops.VERSION if opts.kernels == "fused" else "",
         kernels=opts.kernels, build_options=asdict(opts), modules=entries)

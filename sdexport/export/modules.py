@@ -18,9 +18,32 @@ from torch.export import Dim
 
 from sdexport.models.text_encoder import TextEncoder
 from sdexport.models.unet import UNet
-from sdexport.models.vae import VAEDecode, VAEMoments
+from sdexport.models.vae import VAE, VAEDecode, VAEMoments
 
-__all__ = ["ShapeSpec", "TextEncode", "UNetStep", "VAEDecode", "VAEMoments"]
+__all__ = [
+    "SIZE_STEP",
+    "ShapeSpec",
+    "TextEncode",
+    "UNetStep",
+    "VAEDecode",
+    "VAEMoments",
+    "artifact_multiple",
+    "pixel_multiple",
+]
+
+# Artifact sizes step in at least this many pixels (8 latent cells of an SD VAE).
+SIZE_STEP = 64
+
+
+def pixel_multiple(unet: UNet, vae: VAE) -> int:
+    """The pixel sizes the pair accepts are multiples of this: the VAE's cell times one latent cell per
+    UNet downsampling (each halves the latent, and the up path must come back to the same size)."""
+    return int(vae.config.downscale * 2 ** (len(unet.config.block_out_channels) - 1))
+
+
+def artifact_multiple(unet: UNet, vae: VAE) -> int:
+    """The size step of an artifact of this model: `pixel_multiple`, at least `SIZE_STEP`."""
+    return max(SIZE_STEP, pixel_multiple(unet, vae))
 
 
 class UNetStep(nn.Module):
@@ -63,7 +86,7 @@ class ShapeSpec:
     min_size: int
     max_size: int
     max_chunks: int
-    multiple: int = 64
+    multiple: int  # see artifact_multiple
 
     @property
     def example_size(self) -> int:

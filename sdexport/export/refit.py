@@ -15,25 +15,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from runtime.manifest import MODULES, Manifest, read_manifest
-from sdexport.export.build import Progress, atomic_directory, export_modules, model_fields, write_manifest
-from sdexport.pipeline import StableDiffusion
+from runtime.manifest import DTYPES, MODULES, Manifest, read_manifest
+from sdexport.export.build import (
+    Exportable,
+    StageCallback,
+    atomic_directory,
+    export_modules,
+    model_fields,
+    write_manifest,
+)
 
 REFITTABLE = ("aoti", "pt2")
 # Fields the compiled programs depend on: the new model must agree with the artifact on them.
 ARCHITECTURE = ("family", "unet_in_channels", "latent_channels", "context_dim")
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-           "I32": torch.int32, "BOOL": torch.bool}
 
 
-def _stored(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """name -> (shape, dtype) of every tensor in a .safetensors file, read from its header only."""
-    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+def _stored(path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in a .safetensors file, read from its header only."""
     with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            sl = f.get_slice(name)
-            out[name] = (tuple(sl.get_shape()), _DTYPES[sl.get_dtype()])
-    return out
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (not iterable)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -43,15 +43,18 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
-def _check(name: str, stored: dict[str, tuple[tuple[int, ...], torch.dtype]],
-           tensors: dict[str, torch.Tensor]) -> None:
+def _check(name: str, stored: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor]) -> None:
     problems = [f"lacks {k}" for k in sorted(set(stored) - set(tensors))]
     problems += [f"has {k}, which the artifact does not" for k in sorted(set(tensors) - set(stored))]
     problems += [f"{k} is {tuple(tensors[k].shape)}, the artifact's is {shape}"
-                 for k, (shape, _) in sorted(stored.items()) if k in tensors and tuple(tensors[k].shape) != shape]
+                 for k, shape in sorted(stored.items()) if k in tensors and tuple(tensors[k].shape) != shape]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ValueError(f"the new model's {name} does not fit the artifact: " + "; ".join(problems[:5]) + more)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to("cpu", dtype if t.is_floating_point() else None).contiguous()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -61,8 +64,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def refit(artifact: str | Path, sd: StableDiffusion, out: str | Path, *, overwrite: bool = False,
-          progress: Progress | None = None) -> Manifest:
+def refit(artifact: str | Path, sd: Exportable, out: str | Path, *, overwrite: bool = False,
+          on_stage: StageCallback | None = None) -> Manifest:
     """Write to `out` a copy of `artifact` that runs `sd`'s weights; atomic, like `build`. `out` may be
     `artifact` itself with `overwrite=True`. Returns the new manifest."""
     src, out = Path(artifact), Path(out)
@@ -82,14 +85,15 @@ def refit(artifact: str | Path, sd: StableDiffusion, out: str | Path, *, overwri
     for name in MODULES:  # everything is checked before anything is written
         _check(name, stored[name], _tensors(modules[name]))
 
+    dtype = DTYPES[manifest.dtype]  # the build cast every floating-point tensor to it (`Module.to`)
     with atomic_directory(out) as tmp, torch.no_grad():
         for name in MODULES:
-            if progress:
-                progress(name)
+            if on_stage:
+                on_stage(name)
             entry = manifest.modules[name]
             _link_or_copy(src / entry["program"], tmp / entry["program"])
             tensors = _tensors(modules[name])
-            weights = {k: tensors[k].detach().to("cpu", dtype).contiguous() for k, (_, dtype) in stored[name].items()}
+            weights = {k: _cast(tensors[k], dtype) for k in stored[name]}
             save_file(weights, str(tmp / entry["weights"]))
         (tmp / manifest.tokenizer).write_text(sd.tokenizer.to_json(), encoding="utf-8")
         return write_manifest(tmp, replace(manifest, **fields))

@@ -1,16 +1,16 @@
 """Checkpoint loading: diffusers folders and original LDM single files -> configs + state dicts."""
 
-from .architecture import clip_text_prefix, text_shapes, unet_shapes, vae_shapes
-from .checkpoint import PREDICTION_TYPES, Checkpoint, family_defaults, load_checkpoint, published_configs
+from .architecture import text_shapes, unet_shapes, vae_shapes
+from .checkpoint import PAD_TOKEN, PREDICTION_TYPES, Checkpoint, family_defaults, load_checkpoint, published_configs
 from .errors import CheckpointError, check_state_dict, load_strict
 from .ldm import text_key_map, unet_key_map, vae_key_map
 
 __all__ = [
+    "PAD_TOKEN",
     "PREDICTION_TYPES",
     "Checkpoint",
     "CheckpointError",
     "check_state_dict",
-    "clip_text_prefix",
     "family_defaults",
     "load_checkpoint",
     "load_strict",

@@ -1,9 +1,9 @@
 """``load_checkpoint``: diffusers folders and LDM single files -> configs + state dicts.
 
 Output vocabulary: diffusers ``UNet2DConditionModel`` / ``AutoencoderKL`` config dicts and parameter
-names, transformers ``CLIPTextConfig`` dict and ``CLIPTextModel`` parameter names (of the installed
-transformers version, see :func:`.architecture.clip_text_prefix`). No network access, ever; no
-arbitrary unpickling (torch files are read with ``weights_only=True``).
+names, a transformers ``CLIPTextConfig`` dict and ``CLIPTextModel`` parameter names without the
+``text_model.`` level of transformers 4 (the names of transformers 5 and of our ``TextEncoder``).
+No network access, ever; no arbitrary unpickling (torch files are read with ``weights_only=True``).
 
 Prediction type: single files do not record it. SD 1.x and SD 2.x "base" (512 px) checkpoints are
 epsilon-prediction (the default); SD 2.0/2.1 768 px checkpoints are **v-prediction** and must be loaded
@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 
 from . import ldm
-from .architecture import clip_text_prefix, text_shapes, unet_shapes, vae_shapes
+from .architecture import text_shapes, unet_shapes, vae_shapes
 from .errors import CheckpointError, check_state_dict
 from .files import TORCH_SUFFIXES, read_json, read_weights
 
 __all__ = [
+    "PAD_TOKEN",
     "PREDICTION_TYPES",
     "Checkpoint",
     "family_defaults",
@@ -41,7 +42,8 @@ __all__ = [
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 CONFIG_SECTIONS = ("unet", "vae", "text_encoder", "scheduler")
 DEFAULT_VAE_SCALING = 0.18215
-# The pad token of each family's tokenizer (SD1: CLIP's end-of-text; SD2: OpenCLIP pads with "!").
+# The pad token of each family's tokenizer (SD1: CLIP's end-of-text; SD2: OpenCLIP pads with "!"), for
+# the bundled vocabulary when a checkpoint brings no tokenizer folder.
 PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}
 _TEXT_CONFIG_DROP = {"architectures", "transformers_version", "torch_dtype", "dtype"}
 
@@ -65,11 +67,6 @@ class Checkpoint:
     @property
     def prediction_type(self) -> str:
         return str(self.scheduler_config["prediction_type"])
-
-    @property
-    def pad_token(self) -> str:
-        """The pad token to use with the bundled vocabulary when ``tokenizer_dir`` is None."""
-        return PAD_TOKEN[self.family]
 
 
 @functools.cache
@@ -340,14 +337,13 @@ def _diffusers_config(folder: Path) -> dict[str, Any]:
 
 
 def _normalise_text_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """transformers 4.x (``text_model.*``) or 5.x (bare) names -> the installed version's names."""
-    prefix = clip_text_prefix()
+    """transformers 4.x (``text_model.*``) or 5.x (bare) names -> bare names."""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         bare = key.removeprefix("text_model.")
         if bare == "embeddings.position_ids":
             continue  # a buffer older transformers versions saved
-        out[prefix + bare] = value
+        out[bare] = value
     return out
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .architecture import Shapes, clip_text_prefix, text_shapes, unet_shapes, vae_shapes
+from .architecture import Shapes, text_shapes, unet_shapes, vae_shapes
 from .errors import CheckpointError, format_shape, raise_problems
 
 __all__ = [
@@ -173,7 +173,7 @@ _OPENCLIP_LAYER = {
 
 
 def text_key_map(config: Mapping[str, Any], family: str, *, legacy_sd1: bool = False) -> dict[str, Source]:
-    """``{CLIPTextModel key: LDM key}``.
+    """``{text-encoder key: LDM key}`` (keys without transformers 4's ``text_model.`` level).
 
     SD1 stores a Hugging Face CLIP text model under ``cond_stage_model.transformer.text_model.``
     (``legacy_sd1``: very old files without the ``text_model.`` level). SD2 stores OpenCLIP under
@@ -181,21 +181,19 @@ def text_key_map(config: Mapping[str, Any], family: str, *, legacy_sd1: bool = F
     in ``attn.in_proj_weight``/``in_proj_bias`` (rows q, k, v). Only the first ``num_hidden_layers`` of
     OpenCLIP's resblocks are used (SD2 conditions on the penultimate layer, then the final layer norm).
     """
-    prefix = clip_text_prefix()
     out: dict[str, Source] = {}
     for key in text_shapes(config):
-        bare = key[len(prefix) :]
         if family == "sd1":
-            out[key] = Source(SD1_TEXT_PREFIX + ("" if legacy_sd1 else "text_model.") + bare)
+            out[key] = Source(SD1_TEXT_PREFIX + ("" if legacy_sd1 else "text_model.") + key)
             continue
-        if bare == "embeddings.token_embedding.weight":
+        if key == "embeddings.token_embedding.weight":
             out[key] = Source(SD2_TEXT_PREFIX + "token_embedding.weight")
-        elif bare == "embeddings.position_embedding.weight":
+        elif key == "embeddings.position_embedding.weight":
             out[key] = Source(SD2_TEXT_PREFIX + "positional_embedding")
-        elif bare.startswith("final_layer_norm."):
-            out[key] = Source(SD2_TEXT_PREFIX + "ln_final." + bare.split(".")[-1])
+        elif key.startswith("final_layer_norm."):
+            out[key] = Source(SD2_TEXT_PREFIX + "ln_final." + key.split(".")[-1])
         else:
-            match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", bare)
+            match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
             if match is None:
                 raise AssertionError(f"no OpenCLIP mapping rule for {key}")
             layer, module, leaf = match.groups()
@@ -273,7 +271,7 @@ def convert(
 def convert_text(
     state: Mapping[str, Tensor], config: Mapping[str, Any], family: str, what: str
 ) -> dict[str, Tensor]:
-    """The text encoder of an LDM checkpoint in ``CLIPTextModel`` naming (see :func:`text_key_map`)."""
+    """The text encoder of an LDM checkpoint in our ``TextEncoder``'s naming (see :func:`text_key_map`)."""
     legacy = (
         family == "sd1" and (SD1_TEXT_PREFIX + "text_model.embeddings.token_embedding.weight") not in state
     )

@@ -1,7 +1,7 @@
 """Typed SD 1.x / 2.x model code: UNet, VAE and CLIP text encoder with diffusers-compatible names."""
 
 from .config import TextEncoderConfig, UNetConfig, VAEConfig
-from .layers import GEGLU, AttentionOp, Backend, GroupNorm, set_attention_chunks, set_backend
+from .layers import GEGLU, AttentionOp, GroupNorm, Kernels, set_attention_chunks, set_backend
 from .text_encoder import TextEncoder, strip_text_model_prefix
 from .unet import UNet
 from .vae import VAE, VAEDecode, VAEMoments
@@ -10,8 +10,8 @@ __all__ = [
     "GEGLU",
     "VAE",
     "AttentionOp",
-    "Backend",
     "GroupNorm",
+    "Kernels",
     "TextEncoder",
     "TextEncoderConfig",
     "UNet",

@@ -8,7 +8,7 @@ defined here:
   per-key value weights (prompt emphasis) and query chunking,
 * :class:`GEGLU` - the gated-GELU projection of the transformer feed-forward.
 
-Each carries a plain ``backend`` attribute (a :class:`Backend`) that :func:`set_backend` rewrites; the
+Each carries a plain ``backend`` attribute (a :class:`Kernels`) that :func:`set_backend` rewrites; the
 choice is resolved with ordinary Python ``if`` statements on that attribute, so it is a compile-time
 constant for ``torch.export``. The FUSED branch imports ``runtime.ops`` lazily.
 """
@@ -26,8 +26,8 @@ from torch import nn
 __all__ = [
     "GEGLU",
     "AttentionOp",
-    "Backend",
     "GroupNorm",
+    "Kernels",
     "attention_reference",
     "set_attention_chunks",
     "set_backend",
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-class Backend(enum.Enum):
+class Kernels(enum.Enum):
     """Implementation used by the fusion call sites."""
 
     REFERENCE = "reference"  # plain torch; attention materialises the softmax
@@ -43,7 +43,7 @@ class Backend(enum.Enum):
     FUSED = "fused"  # runtime.ops kernels
 
 
-DEFAULT_BACKEND = Backend.SDPA
+DEFAULT_BACKEND = Kernels.SDPA
 
 
 def _ops() -> Any:
@@ -73,7 +73,7 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend is Backend.FUSED:
+        if self.backend is Kernels.FUSED:
             out: torch.Tensor = _ops().group_norm(
                 x, self.num_groups, self.weight, self.bias, self.eps, self.silu
             )
@@ -119,7 +119,7 @@ class AttentionOp(nn.Module):
         self.chunks = 1
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        if self.backend is Backend.REFERENCE:
+        if self.backend is Kernels.REFERENCE:
             return attention_reference(q, k, v, scale, self.upcast)
         # SDPA's fused kernels keep scores and softmax in float32 internally, which is what upcasting
         # asks for (diffusers' SDPA processor likewise ignores the flag).
@@ -133,7 +133,7 @@ class AttentionOp(nn.Module):
         scale: float,
         value_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.backend is Backend.FUSED:
+        if self.backend is Kernels.FUSED:
             out: torch.Tensor = _ops().attention(q, k, v, scale, value_weights)
             return out
         if value_weights is not None:
@@ -160,17 +160,17 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
-        if self.backend is Backend.FUSED:
+        if self.backend is Kernels.FUSED:
             out: torch.Tensor = _ops().geglu(x)
             return out
         hidden, gate = x.chunk(2, dim=-1)
         return hidden * F.gelu(gate)
 
 
-def set_backend(model: nn.Module, backend: Backend) -> None:
+def set_backend(model: nn.Module, backend: Kernels) -> None:
     """Select the implementation of every fusion call site in ``model``."""
-    if not isinstance(backend, Backend):
-        raise TypeError(f"backend must be a Backend, got {backend!r}")
+    if not isinstance(backend, Kernels):
+        raise TypeError(f"backend must be a Kernels member, got {backend!r}")
     for m in model.modules():
         if isinstance(m, GroupNorm | AttentionOp | GEGLU):
             m.backend = backend
