@@ -21,14 +21,14 @@ from torch import Tensor
 
 from runtime.backend import Backend
 from runtime.png import Parameters, format_parameters
-from runtime.prompt import EncodedPrompt, encode_prompt
-from runtime.samplers import SCHEDULER_NAMES as SCHEDULERS
-from runtime.samplers import make_schedule, sample
-from runtime.schedulers import SchedulerConfig, add_noise, initial_latents
+from runtime.prompt import encode_prompts
+from runtime.samplers import Callback, ModelFn, get_scheduler, make_schedule, sample
+from runtime.schedulers import Schedule, SchedulerConfig, add_noise, initial_latents
 
 Output = Literal["pil", "tensor"]
 ImageInput = Image.Image | Sequence[Image.Image] | Tensor
-Progress = Callable[[int, int], None]
+StepCallback = Callable[[int, int], None]  # (model calls done, total) after each model call
+Shape = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ class _Job:
     scheduler: str
     eta: float
     strength: float
+
+
+@dataclass(frozen=True)
+class _Conditioning:
+    """What an init image (and mask) give the sampling loop; all None for text2img."""
+
+    start: Tensor | None  # latents noised to the first step (img2img; inpaint below strength 1)
+    blend: tuple[Tensor, Tensor] | None = None  # 4-channel inpaint: (image latents, latent mask 1 = repaint)
+    unet_extra: Tensor | None = None  # 9-channel inpaint: (N, 5, h, w) mask and masked-image latents
 
 
 class Pipeline:
@@ -68,7 +77,7 @@ class Pipeline:
         batch_size: int = 1,
         latents: Tensor | None = None,
         output: Output = "pil",
-        progress: Progress | None = None,
+        progress: StepCallback | None = None,
     ) -> list[Image.Image] | Tensor:
         job = self._job(prompt, negative_prompt, steps, scale, height, width, seed, scheduler, eta,
                         batch_size, 1.0)
@@ -88,7 +97,7 @@ class Pipeline:
         eta: float = 0.0,
         batch_size: int = 1,
         output: Output = "pil",
-        progress: Progress | None = None,
+        progress: StepCallback | None = None,
     ) -> list[Image.Image] | Tensor:
         img = to_image_tensor(image, "image")
         batch_size = _batch_from(img, batch_size)
@@ -112,7 +121,7 @@ class Pipeline:
         batch_size: int = 1,
         latents: Tensor | None = None,
         output: Output = "pil",
-        progress: Progress | None = None,
+        progress: StepCallback | None = None,
     ) -> list[Image.Image] | Tensor:
         img = to_image_tensor(image, "image")
         msk = to_mask_tensor(mask)
@@ -150,8 +159,7 @@ class Pipeline:
                 raise ValueError(f"{name} must be a positive multiple of 8 pixels, got {px!r}")
         if not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be within [0, 1], got {strength!r}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        get_scheduler(scheduler)  # raises on an unknown name
         if not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         return _Job(prompts, negatives, steps, float(scale), height, width, _seeds(seed, n), scheduler,
@@ -159,105 +167,107 @@ class Pipeline:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _generate(self, job: _Job, image: Tensor | None, mask: Tensor | None, latents: Tensor | None,
-                  output: Output, progress: Progress | None) -> list[Image.Image] | Tensor:
+                  output: Output, progress: StepCallback | None) -> list[Image.Image] | Tensor:
         if output not in ("pil", "tensor"):
             raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
-        be = self.backend
-        info = be.info
-        n, h, w = len(job.prompts), job.height // 8, job.width // 8
-        cfg = job.scale > 1.0  # as diffusers: guidance off for scale <= 1
-        be.check_shape(n if (self.sequential_cfg or not cfg) else 2 * n, job.height, job.width)
-        latent_shape = (n, info.latent_channels, h, w)
-        if latents is not None and tuple(latents.shape) != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}")
-        nine = info.unet_in_channels == 9
+        guided = job.scale > 1.0  # as diffusers: guidance off for scale <= 1
+        shape = self._check_request(job, mask, latents, guided)
+        schedule = make_schedule(job.scheduler, SchedulerConfig.from_dict(self.backend.info.scheduler_config),
+                                 job.steps, job.strength)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
+        context, weights = self._encode_prompts(job, guided)
+        noise, cond = self._draw_latents(job, image, mask, latents, gens, shape)
+        x = initial_latents(schedule, noise, cond.start)
+        model = self._guided_model(job.scale if guided else None, context, weights, cond.unet_extra)
+        blend = None if cond.blend is None else _inpaint_blend(schedule, cond.blend, noise)
+        callback = _step_callback(schedule.num_steps, progress, blend)
+
+        def noise_fn() -> Tensor:
+            return _draw(gens, shape).to(self.backend.device)
+
+        with torch.inference_mode():
+            x = sample(schedule, model, x, noise_fn, job.eta, callback)
+        return self._decode(x, job, output)
+
+    def _check_request(self, job: _Job, mask: Tensor | None, latents: Tensor | None, guided: bool) -> Shape:
+        """Shape checks against the backend -> the latent shape (N, C, h, w)."""
+        be, info = self.backend, self.backend.info
+        n = len(job.prompts)
+        be.check_shape(n if (self.sequential_cfg or not guided) else 2 * n, job.height, job.width)
+        shape = (n, info.latent_channels, job.height // 8, job.width // 8)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         if mask is not None and info.unet_in_channels not in (4, 9):
             raise ValueError(f"inpainting needs a 4- or 9-channel UNet, this one has {info.unet_in_channels}")
         if mask is None and info.unet_in_channels != 4:
             raise ValueError("this is an inpainting model (9-channel UNet): use inpaint()")
+        return shape
 
-        schedule = make_schedule(job.scheduler, SchedulerConfig.from_dict(info.scheduler_config),
-                                 job.steps, job.strength)
-        gens = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
-        context, weights = self._encode_prompts(job, cfg)
-
-        # Draw order per generator follows diffusers (see module docstring).
-        image_latents: Tensor | None = None
-        masked_latents: Tensor | None = None
-        latent_mask: Tensor | None = None
+    def _draw_latents(self, job: _Job, image: Tensor | None, mask: Tensor | None, latents: Tensor | None,
+                      gens: list[torch.Generator], shape: Shape) -> tuple[Tensor, _Conditioning]:
+        """Initial noise and the image conditioning, drawn in diffusers' order (module docstring)."""
+        be, info = self.backend, self.backend.info
+        nine = info.unet_in_channels == 9
         full_strength = job.strength >= 1.0
+        image_latents: Tensor | None = None
         if image is not None and (mask is None or not nine or not full_strength):
             image_latents = self._encode_image(image * 2 - 1, gens) * info.scaling_factor
         # Sampler state stays float32 whatever the model dtype; only UNet inputs are cast.
-        noise = (_draw(gens, latent_shape) if latents is None else latents.float()).to(be.device)
-        if mask is not None:
-            assert image is not None
-            binary = (mask >= 0.5).to(image.dtype)
-            latent_mask = torch.nn.functional.interpolate(binary, size=(h, w)).to(be.device)
-            masked = (image * 2 - 1) * (binary < 0.5)  # masked pixels -> 0 in [-1, 1], as diffusers
-            if nine:
-                masked_latents = self._encode_image(masked, gens) * info.scaling_factor
-            else:  # diffusers encodes it anyway; draw its sample so sampler noise stays aligned
-                _draw(gens, latent_shape)
-
+        noise = (_draw(gens, shape) if latents is None else latents.float()).to(be.device)
         start = image_latents if (mask is None or not full_strength) else None
-        x = initial_latents(schedule, noise, start)
+        if mask is None:
+            return noise, _Conditioning(start)
+        assert image is not None
+        binary = (mask >= 0.5).to(image.dtype)
+        latent_mask = torch.nn.functional.interpolate(binary, size=shape[2:]).to(be.device)
+        if not nine:  # diffusers encodes the masked image anyway; draw its sample so sampler noise stays aligned
+            _draw(gens, shape)
+            assert image_latents is not None
+            return noise, _Conditioning(start, blend=(image_latents, latent_mask))
+        masked = (image * 2 - 1) * (binary < 0.5)  # masked pixels -> 0 in [-1, 1], as diffusers
+        masked_latents = self._encode_image(masked, gens) * info.scaling_factor
+        return noise, _Conditioning(start, unet_extra=torch.cat([latent_mask, masked_latents], dim=1))
+
+    def _guided_model(self, scale: float | None, context: Tensor, weights: Tensor,
+                      extra: Tensor | None) -> ModelFn:
+        """The UNet as the sampler calls it: extra input channels appended, classifier-free guidance
+        (Ho & Salimans 2022) ``uncond + scale (cond - uncond)`` unless ``scale`` is None."""
+        be = self.backend
+        n = context.shape[0] // (1 if scale is None else 2)
 
         def model(x: Tensor, t: Tensor) -> Tensor:
-            x_in = x
-            if nine:
-                assert latent_mask is not None and masked_latents is not None
-                x_in = torch.cat([x_in, latent_mask, masked_latents], dim=1)
+            x_in = x if extra is None else torch.cat([x, extra], dim=1)
             t = t.to(be.device)
             x_in = x_in.to(be.dtype)
-            if not cfg:
+            if scale is None:
                 return be.unet(x_in, t, context, weights).float()
             if self.sequential_cfg:
                 uncond = be.unet(x_in, t, context[:n], weights[:n]).float()
                 cond = be.unet(x_in, t, context[n:], weights[n:]).float()
             else:
                 uncond, cond = be.unet(torch.cat([x_in, x_in]), t, context, weights).float().chunk(2)
-            return uncond + job.scale * (cond - uncond)
+            return uncond + scale * (cond - uncond)
 
-        step_count = schedule.num_steps
+        return model
 
-        def callback(i: int, x: Tensor) -> Tensor:
-            if progress is not None:
-                progress(i + 1, step_count)
-            if mask is None or nine:
-                return x
-            assert image_latents is not None and latent_mask is not None
-            proper = add_noise(schedule, image_latents, noise, i + 1) if i < step_count - 1 else image_latents
-            return (1 - latent_mask) * proper + latent_mask * x
-
-        def noise_fn() -> Tensor:
-            return _draw(gens, latent_shape).to(be.device)
-
+    def _decode(self, x: Tensor, job: _Job, output: Output) -> list[Image.Image] | Tensor:
+        be = self.backend
         with torch.inference_mode():
-            x = sample(schedule, model, x, noise_fn, job.eta, callback)
-            images = be.decode((x / info.scaling_factor).to(be.dtype))
+            images = be.decode((x / be.info.scaling_factor).to(be.dtype))
         images = (images.float() / 2 + 0.5).clamp(0, 1).cpu()
         if output == "tensor":
             return images
         return [self._to_pil(img, job, i) for i, img in enumerate(images)]
 
-    def _encode_prompts(self, job: _Job, cfg: bool) -> tuple[Tensor, Tensor]:
-        """-> context (N, 77k, D) and token weights (N, 77k): rows [negatives; prompts] with CFG, else prompts."""
-        tok = self.backend.tokenizer
-        texts = [*job.negatives, *job.prompts] if cfg else job.prompts
-        encoded = [encode_prompt(tok, t) for t in texts]
-        chunks = max(e.n_chunks for e in encoded)
-        encoded = [e if e.n_chunks == chunks else encode_prompt(tok, t, min_chunks=chunks)
-                   for e, t in zip(encoded, texts, strict=True)]
-        return self._encode_ids(encoded, chunks)
-
-    def _encode_ids(self, encoded: list[EncodedPrompt], chunks: int) -> tuple[Tensor, Tensor]:
+    def _encode_prompts(self, job: _Job, guided: bool) -> tuple[Tensor, Tensor]:
+        """-> context (N, 77k, D) and token weights (N, 77k): rows [negatives; prompts] if guided, else prompts."""
         be = self.backend
+        encoded = encode_prompts(be.tokenizer, [*job.negatives, *job.prompts] if guided else job.prompts)
         ids = torch.stack([e.ids for e in encoded]).to(be.device)  # (N, 77k)
         weights = torch.stack([e.weights for e in encoded]).to(be.device, be.dtype)
         with torch.inference_mode():
             ctx = be.encode_text(ids.reshape(-1, 77))  # each 77-token chunk encoded on its own
-        return ctx.reshape(ids.shape[0], chunks * 77, -1), weights
+        return ctx.reshape(ids.shape[0], ids.shape[1], -1), weights
 
     def _encode_image(self, image: Tensor, gens: list[torch.Generator]) -> Tensor:
         """A posterior sample of `image` (in [-1, 1]), one draw per image from its generator."""
@@ -279,6 +289,26 @@ class Pipeline:
             height=job.height, model_hash=info.hash, model=info.name,
             strength=job.strength if job.strength < 1.0 else None))
         return pil
+
+
+def _inpaint_blend(schedule: Schedule, blend: tuple[Tensor, Tensor], noise: Tensor) -> Callback:
+    """Legacy inpainting with a 4-channel UNet (diffusers): after each step the kept region is reset to
+    the image latents noised to the next step's level (the image itself after the last)."""
+    image_latents, mask = blend
+
+    def callback(i: int, x: Tensor) -> Tensor:
+        return (1 - mask) * add_noise(schedule, image_latents, noise, i + 1) + mask * x
+
+    return callback
+
+
+def _step_callback(total: int, progress: StepCallback | None, blend: Callback | None) -> Callback:
+    def callback(i: int, x: Tensor) -> Tensor:
+        if progress is not None:
+            progress(i + 1, total)
+        return x if blend is None else blend(i, x)
+
+    return callback
 
 
 def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -58,6 +59,7 @@ __all__ = [
     "EncodedPrompt",
     "encode_pair",
     "encode_prompt",
+    "encode_prompts",
     "escape_prompt_text",
     "format_prompt",
     "parse_prompt",
@@ -284,10 +286,6 @@ class EncodedPrompt:
     weights: torch.Tensor  # (n_chunks * 77,) float32
     n_chunks: int
 
-    @property
-    def chunk_length(self) -> int:
-        return self.ids.numel() // max(self.n_chunks, 1)
-
 
 def _prompt_tokens(tokenizer: ClipTokenizer, prompt: str) -> tuple[list[int], list[float]]:
     segments = parse_prompt(prompt)
@@ -334,12 +332,15 @@ def encode_prompt(tokenizer: ClipTokenizer, prompt: str, min_chunks: int = 1) ->
     return _assemble(tokenizer, ids, weights, n_chunks)
 
 
+def encode_prompts(tokenizer: ClipTokenizer, prompts: Sequence[str]) -> list[EncodedPrompt]:
+    """Encode prompts with one chunk count, the longest prompt's (a batch shares one context length).
+    Each prompt is tokenized once."""
+    tokens = [_prompt_tokens(tokenizer, p) for p in prompts]
+    n_chunks = max((_chunks_needed(tokenizer, len(ids)) for ids, _ in tokens), default=1)
+    return [_assemble(tokenizer, ids, weights, n_chunks) for ids, weights in tokens]
+
+
 def encode_pair(tokenizer: ClipTokenizer, prompt: str, negative: str) -> tuple[EncodedPrompt, EncodedPrompt]:
     """Encode a prompt and its negative prompt with the same number of chunks."""
-    pos_ids, pos_w = _prompt_tokens(tokenizer, prompt)
-    neg_ids, neg_w = _prompt_tokens(tokenizer, negative)
-    n_chunks = max(_chunks_needed(tokenizer, len(pos_ids)), _chunks_needed(tokenizer, len(neg_ids)))
-    return (
-        _assemble(tokenizer, pos_ids, pos_w, n_chunks),
-        _assemble(tokenizer, neg_ids, neg_w, n_chunks),
-    )
+    pos, neg = encode_prompts(tokenizer, [prompt, negative])
+    return pos, neg

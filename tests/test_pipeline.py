@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.schedulers import SCHEDULERS
+from runtime.samplers import SCHEDULER_NAMES
 from sdexport import StableDiffusion
 
 TOL = 1e-3
@@ -68,7 +68,7 @@ def _latents(seed: int = 0, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
 
 
-DETERMINISTIC = [s for s in SCHEDULERS if s != "euler_a"]
+DETERMINISTIC = [s for s in SCHEDULER_NAMES if s != "euler_a"]
 
 
 @pytest.mark.parametrize("scheduler", DETERMINISTIC)
