@@ -6,9 +6,9 @@ GPT-2 byte-to-unicode alphabet, and BPE with the ``</w>`` end-of-word suffix. ``
 and ``<|endoftext|>`` are special tokens (matched in raw text before normalisation, as there), and
 so is the pad token: with SD2's pad ``"!"`` every ``!`` in a prompt is id 0, as in transformers.
 
-Vocabulary sources: a diffusers ``tokenizer/`` folder (``from_folder``), the open-clip merges
-file shipped in ``runtime/data`` (``bundled``), or our own one-file JSON form (``to_json`` /
-``from_json``) that an artifact can store.
+Vocabulary sources: a diffusers ``tokenizer/`` folder (``from_folder``: ``tokenizer.json`` or the older
+``vocab.json`` + ``merges.txt``), the open-clip merges file shipped in ``runtime/data`` (``bundled``),
+or our own one-file JSON form (``to_json`` / ``from_json``) that an artifact can store.
 
 This module must not import sdexport, transformers or diffusers.
 """
@@ -30,6 +30,7 @@ __all__ = [
     "BOS_TOKEN",
     "DEFAULT_MAX_LENGTH",
     "EOS_TOKEN",
+    "PAD_TOKEN",
     "ClipTokenizer",
     "TokenizerFileError",
     "bundled_vocab_and_merges",
@@ -39,6 +40,8 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 DEFAULT_MAX_LENGTH = 77
+# Pad token by model family: SD1's CLIP pads with the end token, SD2's OpenCLIP with "!" (id 0).
+PAD_TOKEN = {"sd1": EOS_TOKEN, "sd2": "!"}
 
 # Same split as transformers' CLIPTokenizer (and OpenAI CLIP's ``self.pat``).
 _CLIP_SPLIT = (
@@ -166,6 +169,58 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
+def _checked_vocab(raw: Any, path: Path) -> dict[str, int]:
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in raw.items()
+    ):
+        raise TokenizerFileError(f"corrupt tokenizer file {path}: expected an object of token -> int")
+    return dict(raw)
+
+
+def _merge_pair(m: Any) -> tuple[str, str] | None:
+    """A tokenizer.json merge: "a b" (tokenizers < 0.20) or ["a", "b"]."""
+    parts = m.split(" ") if isinstance(m, str) else m
+    if isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts):
+        return parts[0], parts[1]
+    return None
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """model.vocab and model.merges of the ``tokenizers`` library's own file (a BPE model)."""
+    doc = _read_json(path)
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise TokenizerFileError(f"corrupt tokenizer file {path}: expected a BPE model")
+    vocab = _checked_vocab(model.get("vocab"), path)
+    raw = model.get("merges")
+    merges = [_merge_pair(m) for m in raw] if isinstance(raw, list) else [None]
+    if not merges or None in merges:
+        raise TokenizerFileError(f"corrupt tokenizer file {path}: model.merges must be a list of pairs")
+    return vocab, [m for m in merges if m is not None]
+
+
+def _read_vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], Path, Path]:
+    """-> (vocab, merges, vocab file, merges file): tokenizer.json if present, else vocab.json + merges.txt."""
+    unified = folder / "tokenizer.json"
+    if unified.is_file():
+        vocab, merges = _read_tokenizer_json(unified)
+        return vocab, merges, unified, unified
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    vocab = _checked_vocab(_read_json(vocab_path), vocab_path)
+    return vocab, _read_merges(merges_path), vocab_path, merges_path
+
+
+def _configured_pad(folder: Path, config: dict[str, Any]) -> str:
+    """The pad token of tokenizer_config.json, else of special_tokens_map.json, else the end token."""
+    special: dict[str, Any] = {}
+    special_path = folder / "special_tokens_map.json"
+    if special_path.is_file():
+        loaded = _read_json(special_path)
+        if isinstance(loaded, dict):
+            special = loaded
+    return _token_content(config.get("pad_token")) or _token_content(special.get("pad_token")) or EOS_TOKEN
+
+
 def _sane_max_length(value: Any) -> int:
     # Some configs carry huge sentinels (1e30); CLIP text encoders are 77 positions.
     if isinstance(value, int) and not isinstance(value, bool) and 3 <= value <= 4096:
@@ -223,34 +278,17 @@ class ClipTokenizer:
 
     @classmethod
     def from_folder(cls, folder: Path) -> ClipTokenizer:
-        """Load a diffusers ``tokenizer/`` folder: vocab.json, merges.txt, tokenizer_config.json."""
+        """Load a diffusers ``tokenizer/`` folder: ``tokenizer.json`` (what transformers >= 5 writes) or
+        ``vocab.json`` + ``merges.txt``; pad token and length from tokenizer_config.json."""
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder missing: {folder}")
-        vocab_path = folder / "vocab.json"
-        vocab_raw = _read_json(vocab_path)
-        if not isinstance(vocab_raw, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-            for k, v in vocab_raw.items()
-        ):
-            raise TokenizerFileError(
-                f"corrupt tokenizer file {vocab_path}: expected an object of token -> int"
-            )
-        vocab: dict[str, int] = dict(vocab_raw)
-        merges_path = folder / "merges.txt"
-        merges = _read_merges(merges_path)
-
+        vocab, merges, vocab_path, merges_path = _read_vocab_and_merges(folder)
         config_path = folder / "tokenizer_config.json"
         config = _read_json(config_path)
         if not isinstance(config, dict):
             raise TokenizerFileError(f"corrupt tokenizer file {config_path}: expected a JSON object")
-        special: dict[str, Any] = {}
-        special_path = folder / "special_tokens_map.json"
-        if special_path.is_file():
-            loaded = _read_json(special_path)
-            if isinstance(loaded, dict):
-                special = loaded
-        pad = _token_content(config.get("pad_token")) or _token_content(special.get("pad_token")) or EOS_TOKEN
+        pad = _configured_pad(folder, config)
         if pad not in vocab:
             raise TokenizerFileError(f"{config_path}: pad token {pad!r} is not in {vocab_path.name}")
         for token in (BOS_TOKEN, EOS_TOKEN):
@@ -268,7 +306,7 @@ class ClipTokenizer:
     def bundled(cls, pad: str = EOS_TOKEN) -> ClipTokenizer:
         """The standard CLIP vocabulary (SD1/SD2 text encoders) from the bundled open-clip merges.
 
-        ``pad`` is ``"<|endoftext|>"`` for SD1 checkpoints and ``"!"`` (id 0) for SD2.
+        ``pad`` is the family's :data:`PAD_TOKEN` (``"<|endoftext|>"`` for SD1, ``"!"`` for SD2).
         """
         vocab, merges = bundled_vocab_and_merges()
         return cls.from_vocab(dict(vocab), list(merges), pad=pad)

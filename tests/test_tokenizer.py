@@ -260,3 +260,74 @@ def test_sd2_pad_token_is_special_like_transformers(tok: ClipTokenizer, tok_sd2:
     # transformers registers SD2's pad "!" as a special token: "!" in a prompt is id 0, not "!</w>".
     assert tok.tokenize("wow!") == [2781, 256]
     assert tok_sd2.tokenize("wow!") == [2781, 0]
+
+
+# ============================================================================= tokenizer.json (transformers >= 5)
+
+
+def _hf_saved(folder: Path, out: Path) -> Path:
+    """What transformers' own save_pretrained writes for the tokenizer in ``folder``."""
+    transformers = pytest.importorskip("transformers")
+    transformers.CLIPTokenizer.from_pretrained(str(folder)).save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_from_folder_reads_tokenizer_json(tmp_path: Path, sd1_folder: Path, sd2_folder: Path,
+                                         hf_sd1: Any, hf_sd2: Any, kind: str) -> None:
+    folder = _hf_saved(sd1_folder if kind == "sd1" else sd2_folder, tmp_path / "tokenizer")
+    assert "tokenizer.json" in {p.name for p in folder.iterdir()}
+    assert not (folder / "vocab.json").exists() and not (folder / "merges.txt").exists()
+    ours = ClipTokenizer.from_folder(folder)
+    hf = hf_sd1 if kind == "sd1" else hf_sd2
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.max_length) == (49406, 49407, hf.pad_token_id, 77)
+    for text in PROMPTS:
+        assert _our_ids(ours, text) == _hf_ids(hf, text)
+
+
+def test_from_folder_tokenizer_json_string_merges(tmp_path: Path, sd1_folder: Path, tok: ClipTokenizer) -> None:
+    # tokenizers < 0.20 wrote merges as "a b" strings instead of [a, b] pairs.
+    folder = _hf_saved(sd1_folder, tmp_path / "tokenizer")
+    doc = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    assert isinstance(doc["model"]["merges"][0], list)
+    doc["model"]["merges"] = [f"{a} {b}" for a, b in doc["model"]["merges"]]
+    (folder / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    ours = ClipTokenizer.from_folder(folder)
+    for text in PROMPTS:
+        assert ours.tokenize(text) == tok.tokenize(text)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[]", '{"model": {"type": "WordPiece"}}', '{"model": {"type": "BPE", "vocab": [], "merges": []}}',
+     '{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b c"]}}'],
+)
+def test_from_folder_corrupt_tokenizer_json(tmp_path: Path, sd1_folder: Path, content: str) -> None:
+    folder = _hf_saved(sd1_folder, tmp_path / "tokenizer")
+    (folder / "tokenizer.json").write_text(content, encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=r"tokenizer\.json"):
+        ClipTokenizer.from_folder(folder)
+
+
+def test_diffusers_save_pretrained_folder_loads(tmp_path: Path, sd1_folder: Path) -> None:
+    """A StableDiffusionPipeline saved by the installed diffusers/transformers loads, same token ids."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    import tiny_configs  # tests/ is on sys.path (conftest)
+
+    from sdexport import StableDiffusion
+
+    hf_tok = transformers.CLIPTokenizer.from_pretrained(str(sd1_folder))
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL(**tiny_configs.vae_config()),
+        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**tiny_configs.text_config("sd1"))),
+        tokenizer=hf_tok,
+        unet=diffusers.UNet2DConditionModel(**tiny_configs.unet_config("sd1")),
+        scheduler=diffusers.DDIMScheduler.from_config(tiny_configs.scheduler_config("sd1")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(tmp_path / "model"))
+    assert (tmp_path / "model" / "tokenizer" / "tokenizer.json").is_file()
+    sd = StableDiffusion.from_pretrained(tmp_path / "model")
+    for text in ["a photo of a cat", "masterpiece, best quality!", "naïve café 😀", ""]:
+        assert _our_ids(sd.tokenizer, text) == _hf_ids(hf_tok, text)
