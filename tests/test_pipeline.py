@@ -161,32 +161,34 @@ def test_weight_one_equals_plain_prompt_bit_for_bit(sd1: StableDiffusion) -> Non
     assert torch.equal(plain, weighted)
 
 
-def test_zero_weight_matches_zeroed_value_rows(sd1: StableDiffusion) -> None:
-    """`(red):0` equals running the UNet with that token's value rows removed in cross-attention."""
+@pytest.mark.parametrize("weight", [0.0, -1.0, 1.5])
+def test_token_weight_matches_scaled_value_rows(sd1: StableDiffusion, weight: float) -> None:
+    """`(red):w` equals running the UNet with that token's value rows scaled by w in cross-attention
+    (w = 0: removed, w < 0: negated)."""
     tok = sd1.tokenizer
     red = tok.tokenize("red")
     assert len(red) == 1
     ids = torch.tensor([[tok.bos_id, *tok.tokenize("a red fox"), tok.eos_id] + [tok.pad_id] * 72])
     ctx = sd1.text_encoder(ids)
-    x = torch.randn(1, 4, 8, 8)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(400.0)
     weights = torch.ones(1, 77)
-    weights[0, 2] = 0.0  # BOS, "a", "red"
+    weights[0, 2] = weight  # BOS, "a", "red"
     ours = sd1.unet(x, t, ctx, weights)
 
-    # Reference: patch every cross-attention so that value rows of token 2 are zero.
+    # Reference: patch every cross-attention so that the value row of token 2 is scaled by `weight`.
     from sdexport.models.attention import Attention
 
     originals: dict[Attention, Any] = {}
 
-    def zero_v(mod: Attention) -> Any:
+    def scale_v(mod: Attention) -> Any:
         lin = mod.to_v
 
         def forward(inp: torch.Tensor) -> torch.Tensor:
             out = torch.nn.functional.linear(inp, lin.weight, lin.bias)
             if inp.shape[1] == 77:
                 out = out.clone()
-                out[:, 2] = 0
+                out[:, 2] *= weight
             return out
 
         return forward
@@ -194,7 +196,7 @@ def test_zero_weight_matches_zeroed_value_rows(sd1: StableDiffusion) -> None:
     for name, m in sd1.unet.named_modules():
         if isinstance(m, Attention) and name.endswith("attn2"):  # attn2 = cross-attention
             originals[m] = m.to_v.forward
-            m.to_v.forward = zero_v(m)  # type: ignore[method-assign]
+            m.to_v.forward = scale_v(m)  # type: ignore[method-assign]
     try:
         assert originals, "no cross-attention found"
         ref = sd1.unet(x, t, ctx, None)
@@ -202,14 +204,15 @@ def test_zero_weight_matches_zeroed_value_rows(sd1: StableDiffusion) -> None:
         for m, f in originals.items():
             m.to_v.forward = f  # type: ignore[method-assign]
     assert (ours - ref).abs().max().item() <= 1e-5
-    # and through the prompt parser: "(red):0" puts weight 0 on exactly that token
+    assert (ours - sd1.unet(x, t, ctx, None)).abs().max().item() > 1e-4  # the weight does something
+    # and through the prompt parser: "(red):w" puts weight w on exactly that token
     from runtime.prompt import encode_prompt
 
-    enc = encode_prompt(tok, "a (red):0 fox")
-    assert enc.weights[:5].tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    enc = encode_prompt(tok, f"a (red):{weight:g} fox")
+    assert enc.weights[:5].tolist() == [1.0, 1.0, weight, 1.0, 1.0]
 
 
-def test_negative_weight_changes_image(sd1: StableDiffusion) -> None:
+def test_negative_weight_image_is_finite_and_differs(sd1: StableDiffusion) -> None:
     lat = _latents(6)
     base = sd1.text2img("a red fox", steps=3, height=H, width=W, latents=lat, output="tensor")
     neg = sd1.text2img("a (red):-1 fox", steps=3, height=H, width=W, latents=lat, output="tensor")
@@ -218,10 +221,32 @@ def test_negative_weight_changes_image(sd1: StableDiffusion) -> None:
     assert (base - neg).abs().max().item() > 1e-4
 
 
-def test_long_prompt_uses_more_chunks(sd1: StableDiffusion) -> None:
+def _unet_contexts(sd: StableDiffusion, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Records the context shape of every UNet call of `sd`."""
+    seen: list[tuple[int, ...]] = []
+    unet = sd.backend.unet
+
+    def spy(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(context.shape))
+        assert weights.shape == context.shape[:2]
+        return unet(x, t, context, weights)
+
+    monkeypatch.setattr(sd.backend, "unet", spy)
+    return seen
+
+
+def test_long_prompt_uses_more_chunks(sd1: StableDiffusion, monkeypatch: pytest.MonkeyPatch) -> None:
     long_prompt = ", ".join(["a very detailed painting of a fox"] * 20)
+    n_tokens = len(sd1.tokenizer.tokenize(long_prompt))
+    assert 150 < n_tokens <= 225  # three 75-token chunks
+    width = sd1.text_encoder(torch.zeros(1, 77, dtype=torch.int64)).shape[-1]
+    seen = _unet_contexts(sd1, monkeypatch)
     img = sd1.text2img(long_prompt, "short", steps=2, height=H, width=W, seed=1, output="tensor")
+    # CFG rows [negative; prompt], both padded to the long prompt's 3 chunks of 77 tokens
+    assert seen == [(2, 3 * 77, width)] * 2
+    seen.clear()
     short = sd1.text2img(long_prompt[:60], "short", steps=2, height=H, width=W, seed=1, output="tensor")
+    assert seen == [(2, 77, width)] * 2
     assert isinstance(img, torch.Tensor) and torch.isfinite(img).all()
     assert not torch.equal(img, short)
 

@@ -16,6 +16,7 @@ from runtime.prompt import (
     EncodedPrompt,
     encode_pair,
     encode_prompt,
+    encode_prompts,
     escape_prompt_text,
     format_prompt,
     parse_prompt,
@@ -356,6 +357,26 @@ def test_encode_pair_same_chunks(tok: ClipTokenizer) -> None:
     assert neg2.n_chunks == pos2.n_chunks == 3
     a, b = encode_pair(tok, "", "")
     assert a.n_chunks == b.n_chunks == 1
+
+
+def test_encode_prompts_pads_to_longest_tokenizing_once(tok: ClipTokenizer,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = ["cat " * 100, "(blurry):0.5", ""]
+    expected = [encode_prompt(tok, p, min_chunks=2) for p in prompts]
+    texts: list[str] = []
+    tokenize = tok.tokenize
+
+    def counting(text: str) -> list[int]:
+        texts.append(text)
+        return tokenize(text)
+
+    monkeypatch.setattr(tok, "tokenize", counting)
+    encoded = encode_prompts(tok, prompts)
+    assert texts == ["cat " * 100, "blurry"]  # one call per weighted segment, no second pass
+    assert [e.n_chunks for e in encoded] == [2, 2, 2]
+    for e, want in zip(encoded, expected, strict=True):
+        assert torch.equal(e.ids, want.ids) and torch.equal(e.weights, want.weights)
+    assert encode_prompts(tok, []) == []
 
 
 def test_runtime_does_not_import_forbidden_packages(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 __array__ notes in diffusers
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_module  # noqa: E402
 
-from runtime.samplers import SCHEDULER_NAMES, make_schedule, sample  # noqa: E402
+from runtime.samplers import SCHEDULER_NAMES, SCHEDULERS, make_schedule, sample  # noqa: E402
 from runtime.schedulers import SchedulerConfig, _base_timesteps, add_noise, initial_latents  # noqa: E402
 
 SD1: dict[str, Any] = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
@@ -334,6 +334,17 @@ def test_bad_arguments() -> None:
             sample(sched, fake_unet, x, start_noise, eta)
     with pytest.raises(ValueError, match="image_latents"):
         initial_latents(make_schedule("ddim", cfg, 4, 0.5), start_noise())
+
+
+def test_scheduler_table_names_and_a1111_names() -> None:
+    from runtime.png import Parameters, format_parameters
+
+    assert tuple(SCHEDULERS) == SCHEDULER_NAMES
+    assert len({s.a1111 for s in SCHEDULERS.values()}) == len(SCHEDULERS)
+    for name, scheduler in SCHEDULERS.items():
+        text = format_parameters(Parameters("p", "", 1, name, 7.0, 1, 8, 8))
+        assert f"Sampler: {scheduler.a1111}, " in text
+        assert make_schedule(name, SchedulerConfig(), 3).kind is scheduler.schedule
 
 
 def test_runtime_imports_no_reference_libraries() -> None:
