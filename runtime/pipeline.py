@@ -138,18 +138,8 @@ class Pipeline:
     def _job(self, prompt: str | Sequence[str], negative: str | Sequence[str], steps: int, scale: float,
              height: int, width: int, seed: int | Sequence[int] | None, scheduler: str, eta: float,
              batch_size: int, strength: float) -> _Job:
-        if isinstance(prompt, str):
-            prompts = [prompt] * batch_size
-        else:
-            prompts = list(prompt)
-            if batch_size not in (1, len(prompts)):
-                raise ValueError(f"got {len(prompts)} prompts but batch_size={batch_size}")
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+        prompts, negatives = _prompt_lists(prompt, negative, batch_size)
         n = len(prompts)
-        negatives = [negative] * n if isinstance(negative, str) else list(negative)
-        if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
-            raise ValueError(f"negative_prompt must be a string or a list of {n} strings")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if not isinstance(scale, int | float) or not math.isfinite(scale):
@@ -309,6 +299,24 @@ def _step_callback(total: int, progress: StepCallback | None, blend: Callback | 
         return x if blend is None else blend(i, x)
 
     return callback
+
+
+def _prompt_lists(prompt: str | Sequence[str], negative: str | Sequence[str],
+                  batch_size: int) -> tuple[list[str], list[str]]:
+    """One prompt and one negative prompt per image."""
+    if isinstance(prompt, str):
+        prompts = [prompt] * batch_size
+    else:
+        prompts = list(prompt)
+        if batch_size not in (1, len(prompts)):
+            raise ValueError(f"got {len(prompts)} prompts but batch_size={batch_size}")
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    n = len(prompts)
+    negatives = [negative] * n if isinstance(negative, str) else list(negative)
+    if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
+        raise ValueError(f"negative_prompt must be a string or a list of {n} strings")
+    return prompts, negatives
 
 
 def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:

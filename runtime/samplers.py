@@ -299,43 +299,56 @@ def _unipc_rhos(h: float, r: float | None) -> tuple[float, ...]:
     return (rho0, g1 - rho0)
 
 
+_History = list[tuple[Tensor, float]]  # (x0 estimate, lambda) of earlier model calls, newest last
+
+
+def _unic(s: Schedule, i: int, last_x: Tensor, m: Tensor, hist: _History, order: int) -> Tensor:
+    """UniC corrector of the state at call i (predicted from ``last_x``) with the new x0 estimate ``m``:
+    x_i = the first-order part from last_x + B(h) sum rho_k D_k."""
+    alpha_c, sig_c, lam_c = _vp(s.sigmas[i])
+    m0, lam0 = hist[-1]
+    h = lam_c - lam0
+    base = (sig_c / _vp(s.sigmas[i - 1])[1]) * last_x - (alpha_c * math.expm1(-h)) * m0
+    r = (hist[-2][1] - lam0) / h if order == 2 else None
+    rhos = _unipc_rhos(h, r)
+    corr = rhos[-1] * (m - m0)
+    if r is not None:
+        corr = corr + rhos[0] * (hist[-2][0] - m0) / r
+    return base - (alpha_c * math.expm1(-h)) * corr
+
+
+def _unip(s: Schedule, i: int, x: Tensor, hist: _History, order: int) -> Tensor:
+    """UniP predictor from call i to i + 1: a first-order DPM++ step plus (order 2) rho_p = 1/2 times
+    B(h) D1.  The step to sigma 0 (limit h -> inf) returns the x0 estimate."""
+    m, lam_c = hist[-1]
+    if s.sigmas[i + 1] == 0.0:
+        return m
+    alpha_n, sig_n, lam_n = _vp(s.sigmas[i + 1])
+    h = lam_n - lam_c
+    x = (sig_n / _vp(s.sigmas[i])[1]) * x - (alpha_n * math.expm1(-h)) * m
+    if order == 2:
+        r = (hist[-2][1] - lam_c) / h
+        x = x - (alpha_n * math.expm1(-h) * 0.5 / r) * (hist[-2][0] - m)
+    return x
+
+
 def unipc(model: Denoiser, x: Tensor, s: Schedule, noise: NoiseFn, eta: float, cb: Callback | None) -> Tensor:
     """UniPC-2 with bh2 (diffusers defaults): each call first corrects the previous predictor result
     (UniC, using the new model output), then predicts the next state (UniP).  Orders ramp up 1 -> 2 and
     drop to 1 for the final step, which lands on sigma 0 and returns x0."""
-    hist: list[tuple[Tensor, float]] = []  # (x0 estimate, lambda) of earlier calls, newest last
+    hist: _History = []
     last_x: Tensor | None = None  # state before the previous predictor step
     order = 1
     n = len(s.timesteps)
     for i in range(s.begin, n):
         m = model(x, i)
-        alpha_c, sig_c, lam_c = _vp(s.sigmas[i])
-        if last_x is not None:  # UniC: x_i = phi_1 part from last_x + B(h) sum rho_k D_k
-            m0, lam0 = hist[-1]
-            h = lam_c - lam0
-            base = (sig_c / _vp(s.sigmas[i - 1])[1]) * last_x - (alpha_c * math.expm1(-h)) * m0
-            r = (hist[-2][1] - lam0) / h if order == 2 else None
-            rhos = _unipc_rhos(h, r)
-            corr = rhos[-1] * (m - m0)
-            if r is not None:
-                corr = corr + rhos[0] * (hist[-2][0] - m0) / r
-            x = base - (alpha_c * math.expm1(-h)) * corr
-        hist = [*hist[-1:], (m, lam_c)]
+        if last_x is not None:
+            x = _unic(s, i, last_x, m, hist, order)
+        hist = [*hist[-1:], (m, _vp(s.sigmas[i])[2])]
         order = min(2, n - i, len(hist))
         last_x = x
-        if s.sigmas[i + 1] == 0.0:
-            x = m  # limit h -> inf of the predictor
-        else:  # UniP: first-order DPM++ step plus (order 2) rho_p = 1/2 times B(h) D1
-            alpha_n, sig_n, lam_n = _vp(s.sigmas[i + 1])
-            h = lam_n - lam_c
-            x = (sig_n / sig_c) * x - (alpha_n * math.expm1(-h)) * m
-            if order == 2:
-                r = (hist[-2][1] - lam_c) / h
-                x = x - (alpha_n * math.expm1(-h) * 0.5 / r) * (hist[-2][0] - m)
-        x = _done(cb, s, i, x)
+        x = _done(cb, s, i, _unip(s, i, x, hist, order))
     return x
-
-
 
 
 # ---- the named schedulers ----------------------------------------------------------------------------
