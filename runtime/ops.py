@@ -2,10 +2,12 @@
 
 `available()` says whether the compiled library could be loaded; `load()` loads it (idempotent,
 cheap after the first call) and raises a clear error when it was never built.  The wrappers
-`group_norm`, `attention` and `geglu` call the compiled ops; `reference_*` are pure-PyTorch
-equivalents used by tests and as the non-fused fallback.  Loading also registers the fake
-(meta) kernels used by torch.export / torch.compile and autograd formulas (eager training and
-`torch.library.opcheck`), so the ops trace into graphs as single custom-op nodes.
+`group_norm`, `attention` and `geglu` call the compiled ops (no fallback: without the library
+they raise OpLibraryNotBuiltError); `reference_*` are pure-PyTorch definitions of the same maths,
+used by the tests and benchmarks as the ground truth.  Loading also registers the fake (meta)
+kernels used by torch.export / torch.compile, which reject what the compiled kernels reject, and
+autograd formulas (eager training and `torch.library.opcheck`), so the ops trace into graphs as
+single custom-op nodes.
 
 This module must not import sdexport, transformers or diffusers.
 """
@@ -123,7 +125,7 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Pure-PyTorch references.
+# Pure-PyTorch references: the ground truth of the tests and benchmarks (not a fallback).
 
 
 def reference_group_norm(
@@ -160,14 +162,29 @@ def reference_geglu(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Fake kernels (shape/stride/dtype propagation for FakeTensor tracing).  The layout rules
-# mirror csrc/sdfused_common.h.
+# Fake kernels (shape/stride/dtype propagation for FakeTensor tracing).  The checks and layout
+# rules mirror csrc/sdfused_common.h (same conditions, same messages), so a bad call fails at
+# trace time as it would at run time.
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(cond: Any, msg: str) -> None:
-    """torch._check (symbolic-shape friendly assert) with a fixed message."""
+def _check(cond: Any, msg: Callable[[], str] | str) -> None:
+    """torch._check (symbolic-shape friendly assert); `msg` may be a lazy callable."""
     check: Any = torch._check
-    check(cond, lambda: msg)
+    check(cond, msg if callable(msg) else lambda: msg)
+
+
+def _check_affine(t: torch.Tensor | None, name: str, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    _check(
+        t.dim() == 1 and t.shape[0] == x.shape[1],
+        lambda: f"sdfused::group_norm: {name} must be a 1-d tensor of C={x.shape[1]} elements, got shape "
+        f"{tuple(t.shape)}",
+    )
+    _check(t.device == x.device, f"sdfused::group_norm: {name} is on {t.device} but x is on {x.device}")
+    _check(t.dtype.is_floating_point, f"sdfused::group_norm: {name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _group_norm_fake(
@@ -178,9 +195,19 @@ def _group_norm_fake(
     eps: float,
     silu: bool,
 ) -> torch.Tensor:
-    _check(x.dim() >= 2, "sdfused::group_norm: x must have shape (N, C, *)")
-    _check(groups > 0, "sdfused::group_norm: groups must be positive")
-    _check(x.shape[1] % groups == 0, "sdfused::group_norm: groups must divide C")
+    _check(
+        x.dim() >= 2,
+        lambda: f"sdfused::group_norm: x must have shape (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}",
+    )
+    _check(x.dtype in _FLOATS, f"sdfused::group_norm: x must be float32, float16 or bfloat16, got {x.dtype}")
+    _check(groups > 0, f"sdfused::group_norm: groups must be positive, got {groups}")
+    _check(
+        x.shape[1] % groups == 0,
+        lambda: f"sdfused::group_norm: groups={groups} must divide the channel count C={x.shape[1]}",
+    )
+    _check(eps >= 0.0, f"sdfused::group_norm: eps must be non-negative, got {eps}")
+    _check_affine(weight, "weight", x)
+    _check_affine(bias, "bias", x)
     if x.is_contiguous():
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -197,13 +224,49 @@ def _attention_fake(
     scale: float,
     value_weights: torch.Tensor | None,
 ) -> torch.Tensor:
-    _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "sdfused::attention: need 4-d q, k, v")
-    _check(q.shape[-1] == k.shape[-1], "sdfused::attention: q and k head dims differ")
+    _check(
+        q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+        lambda: "sdfused::attention: q, k and v must be 4-d (B, H, L, D), got shapes "
+        f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
+    )
+    _check(
+        q.dtype == k.dtype == v.dtype,
+        f"sdfused::attention: q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
+    )
+    _check(q.dtype in _FLOATS, f"sdfused::attention: q, k, v must be float32, float16 or bfloat16, got {q.dtype}")
+    _check(q.device == k.device == v.device, "sdfused::attention: q, k and v must be on the same device")
+    _check(
+        k.shape == v.shape,
+        lambda: "sdfused::attention: k and v must have the same shape (B, H, Lk, D), got "
+        f"{tuple(k.shape)} and {tuple(v.shape)}",
+    )
+    _check(
+        q.shape[0] == k.shape[0] and q.shape[1] == k.shape[1] and q.shape[3] == k.shape[3],
+        lambda: f"sdfused::attention: q (B, H, Lq, D) and k (B, H, Lk, D) disagree in B, H or D: "
+        f"{tuple(q.shape)} vs {tuple(k.shape)}",
+    )
+    _check(k.shape[2] > 0, "sdfused::attention: need at least one key (Lk > 0)")
+    _check(q.shape[3] > 0, "sdfused::attention: head dim D must be positive")
+    if value_weights is not None:
+        w = value_weights
+        _check(
+            w.dim() == 2 and w.shape[0] == k.shape[0] and w.shape[1] == k.shape[2],
+            lambda: f"sdfused::attention: value_weights must have shape (B, Lk) = ({k.shape[0]}, {k.shape[2]}), "
+            f"got {tuple(w.shape)}",
+        )
+        _check(
+            w.dtype.is_floating_point, f"sdfused::attention: value_weights must be floating point, got {w.dtype}"
+        )
+        _check(
+            w.device == q.device, f"sdfused::attention: value_weights is on {w.device} but q is on {q.device}"
+        )
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def _geglu_fake(x: torch.Tensor) -> torch.Tensor:
-    _check(x.shape[-1] % 2 == 0, "sdfused::geglu: last dim must be even")
+    _check(x.dim() >= 1, "sdfused::geglu: x must have at least 1 dim")
+    _check(x.shape[-1] % 2 == 0, lambda: f"sdfused::geglu: last dim must be even (2F), got {x.shape[-1]}")
+    _check(x.dtype in _FLOATS, f"sdfused::geglu: x must be float32, float16 or bfloat16, got {x.dtype}")
     return torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
 
 

@@ -188,9 +188,14 @@ inline void affine_channels(const T* x, T* y, const float* s, const float* a, co
 // (N, C, S) contiguous: one task per (n, group), a contiguous span of Cg * S values that stays
 // in cache between the statistics and the affine pass.
 template <typename T>
-void group_norm_cf(const T* x, T* y, const float* w, const float* b, int64_t N, int64_t C, int64_t S,
-                   int64_t G, double eps, bool silu) {
-  const int64_t Cg = C / G;
+void group_norm_cf(const GroupNormParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const float* w = static_cast<const float*>(p.weight.ptr);
+  const float* b = static_cast<const float*>(p.bias.ptr);
+  const int64_t N = p.N, C = p.C, S = p.S, G = p.G, Cg = p.Cg;
+  const double eps = p.eps;
+  const bool silu = p.silu;
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> shift(Cg), a(Cg), bb(Cg);
     std::vector<double> s1(Cg), s2(Cg);
@@ -260,9 +265,14 @@ void channel_moments(const T* x, int64_t rows, int64_t C, const float* shift, do
 // (N, S, C) contiguous (channels_last): per-channel moments over K row chunks per sample (in
 // parallel), merged per group, then the affine pass over rows.
 template <typename T>
-void group_norm_cl(const T* x, T* y, const float* w, const float* b, int64_t N, int64_t C, int64_t S,
-                   int64_t G, double eps, bool silu) {
-  const int64_t Cg = C / G;
+void group_norm_cl(const GroupNormParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const float* w = static_cast<const float*>(p.weight.ptr);
+  const float* b = static_cast<const float*>(p.bias.ptr);
+  const int64_t N = p.N, C = p.C, S = p.S, G = p.G, Cg = p.Cg;
+  const double eps = p.eps;
+  const bool silu = p.silu;
   const int64_t threads = at::get_num_threads();
   const int64_t K = threads == 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(S, (4 * threads + N - 1) / N));
   std::vector<float> shift(N * C), a(N * C), bb(N * C);
@@ -272,8 +282,8 @@ void group_norm_cl(const T* x, T* y, const float* w, const float* b, int64_t N, 
   at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / K, k = t % K, r0 = k * S / K, r1 = (k + 1) * S / K;
-      double* p = part.data() + 2 * t * C;
-      channel_moments(x + (n * S + r0) * C, r1 - r0, C, shift.data() + n * C, p, p + C);
+      double* pt = part.data() + 2 * t * C;
+      channel_moments(x + (n * S + r0) * C, r1 - r0, C, shift.data() + n * C, pt, pt + C);
     }
   });
   std::vector<double> s1(C), s2(C);
@@ -281,8 +291,8 @@ void group_norm_cl(const T* x, T* y, const float* w, const float* b, int64_t N, 
     std::fill(s1.begin(), s1.end(), 0.0);
     std::fill(s2.begin(), s2.end(), 0.0);
     for (int64_t k = 0; k < K; ++k) {
-      const double* p = part.data() + 2 * (n * K + k) * C;
-      for (int64_t c = 0; c < C; ++c) s1[c] += p[c], s2[c] += p[C + c];
+      const double* pk = part.data() + 2 * (n * K + k) * C;
+      for (int64_t c = 0; c < C; ++c) s1[c] += pk[c], s2[c] += pk[C + c];
     }
     for (int64_t g = 0; g < G; ++g) {
       const int64_t c0 = g * Cg, o = n * C + c0;
@@ -306,16 +316,15 @@ at::Tensor group_norm_cpu(const at::Tensor& x_in, int64_t groups, const std::opt
   const at::Tensor x = layout == Layout::kChannelsFirst ? x_in.contiguous() : x_in;
   at::Tensor y = group_norm_output(x, layout);
   if (x.numel() == 0) return y;
+  // fp32 affine parameters (ones / zeros when absent): the kernels index them as float
   const at::Tensor w = affine_or(weight, x, 1.0), b = affine_or(bias, x, 0.0);
-  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
+  const GroupNormParams p = make_group_norm_params(x, y, w, b, groups, eps, silu, layout);
   dispatch_float(x.scalar_type(), "group_norm", [&](auto tag) {
     using scalar_t = decltype(tag);
-    const auto* xp = x.const_data_ptr<scalar_t>();
-    auto* yp = y.mutable_data_ptr<scalar_t>();
     if (layout == Layout::kChannelsLast) {
-      group_norm_cl(xp, yp, w.const_data_ptr<float>(), b.const_data_ptr<float>(), N, C, S, groups, eps, silu);
+      group_norm_cl<scalar_t>(p);
     } else {
-      group_norm_cf(xp, yp, w.const_data_ptr<float>(), b.const_data_ptr<float>(), N, C, S, groups, eps, silu);
+      group_norm_cf<scalar_t>(p);
     }
   });
   return y;
@@ -387,14 +396,6 @@ inline void gemm_rm(bool trans_b, int64_t M, int64_t N, int64_t K, const float* 
 constexpr int64_t kBK = 512;                // key block (max)
 constexpr int64_t kScoreBlock = 256 * 512;  // floats in the per-thread score buffer S
 
-struct AttnParams {
-  int64_t B, H, Lq, Lk, D;
-  int64_t q_sb, q_sh, q_sl;  // element strides of q over B, H, Lq (D stride is 1)
-  int64_t k_sb, k_sh, k_sl;
-  int64_t v_sb, v_sh, v_sl;
-  const float* w;  // (B, Lk) fp32 contiguous or nullptr
-  float scale;
-};
 
 // max(init, s[0..n)); four accumulators hide the max latency.  A NaN score may be dropped
 // here but still reaches the output through exp(NaN - max).
@@ -447,7 +448,11 @@ inline void convert_row(const T* src, float* dst, int64_t n, float mul) {
 }
 
 template <typename T>
-void attention_cpu_kernel(const T* q, const T* k, const T* v, T* out, const AttnParams& p) {
+void attention_cpu_kernel(const AttnParams& p) {
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.o);
   const int64_t D = p.D, Lk = p.Lk, BK = std::min(kBK, Lk);
   // Query block: fill the score buffer (large blocks amortise the per-call GEMM overhead when
   // Lk is short, e.g. 77 text tokens), but keep a few tasks per thread for load balance.
@@ -540,23 +545,18 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
   if (out.numel() == 0) return out;
   at::Tensor w;
   if (value_weights.has_value() && value_weights->defined()) w = value_weights->to(at::kFloat).contiguous();
-  AttnParams p{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3),
-               q.stride(0), q.stride(1), q.stride(2),
-               k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2),
-               w.defined() ? w.const_data_ptr<float>() : nullptr, static_cast<float>(scale)};
-  dispatch_float(q.scalar_type(), "attention", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    attention_cpu_kernel(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                         out.mutable_data_ptr<scalar_t>(), p);
-  });
+  const AttnParams p = make_attn_params(q, k, v, out, w, scale);
+  dispatch_float(q.scalar_type(), "attention", [&](auto tag) { attention_cpu_kernel<decltype(tag)>(p); });
   return out;
 }
 
 // ---- geglu -------------------------------------------------------------------------------
 
 template <typename T>
-void geglu_cpu_kernel(const T* x, T* y, int64_t rows, int64_t F) {
+void geglu_cpu_kernel(const GegluParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const int64_t rows = p.rows, F = p.F;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(F, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const Vec half(0.5f), one(1.0f), rsqrt2(static_cast<float>(M_SQRT1_2));
@@ -583,11 +583,8 @@ at::Tensor geglu_cpu(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty(geglu_out_shape(x), x.options());
   if (y.numel() == 0) return y;
-  const int64_t F = x.size(-1) / 2, rows = y.numel() / F;
-  dispatch_float(x.scalar_type(), "geglu", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    geglu_cpu_kernel(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), rows, F);
-  });
+  const GegluParams p = make_geglu_params(x, y);
+  dispatch_float(x.scalar_type(), "geglu", [&](auto tag) { geglu_cpu_kernel<decltype(tag)>(p); });
   return y;
 }
 

@@ -1,26 +1,21 @@
-// CUDA kernels of the sdfused ops (fp32 / fp16 / bf16, statistics and softmax in fp32).
+// CUDA kernels of the sdfused ops (fp32 / fp16 / bf16, statistics in fp32).
 //
-// Kernels take plain pointers and strides through small params structs; the host wrappers at
-// the bottom do the checks (csrc/sdfused_common.h), pick a kernel and launch it on the current
-// stream.  16-byte vector loads are used where sizes, strides and pointers allow.
-//
-// sm_90 notes: attention here uses sm_80-style WMMA (mma.sync under the hood) with operands
-// staged through shared memory by ordinary loads.  On H100 a wgmma + TMA pipeline (async
-// K/V tile copies, warpgroup MMA with the accumulator rescaled in registers, FA3 style) would
-// roughly double attention throughput; group_norm / geglu are bandwidth bound and would gain
-// little.
+// group_norm and geglu are our own bandwidth-bound kernels; attention runs ATen's SDPA (flash /
+// memory-efficient / cuDNN, whichever it picks) on value rows pre-scaled by the emphasis weights:
+// softmax(q k^T) (diag(w) v) is exactly SDPA on w-scaled v (issue #16: the tensor-core kernel
+// this replaced was estimated at 0.25-0.45x of SDPA and failed for head dims above 256).
+// Kernels take the params structs of csrc/sdfused_common.h by value; host wrappers at the
+// bottom check (sdfused_common.h), pick a kernel and launch on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "../sdfused_common.h"
 
@@ -50,182 +45,214 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 __device__ __forceinline__ float silu_f(float y) { return y / (1.0f + __expf(-y)); }
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+inline bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+inline bool aligned16(const void* p) { return aligned_to(p, 16); }
 
 inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // ---- group_norm ---------------------------------------------------------------------------
-// Three kernels: (1) per (n, group, split) Welford partials, (2) merge partials into
-// per-(n, channel) (mean, scale, shift), (3) one elementwise pass
-// y = (x - mean) * scale + shift (+ SiLU); the mean is subtracted first to avoid cancellation.
-// Splitting each group over several blocks keeps all SMs busy at SD shapes (N * G = 64).
+// Grid (N * G, splits): block (ng, split) owns one chunk of group ng, either contiguous elements
+// [e0, e1) of the group's Cg * S span (channels-first) or rows [s0, s1) of its Cg channels
+// (channels-last, Cg contiguous channels per row).  Statistics are shifted sums
+// s1 = sum(x - k), s2 = sum((x - k)^2) with k the group's first element: the sums of different
+// blocks add exactly, and fp32 terms stay O(std) even when |mean| >> std.
+//   splits == 1: one launch (kFused); the block reduces, then applies (the re-read hits L1/L2).
+//   splits  > 1: two launches; kStats writes (s1, s2) per block, kApply adds its group's <= 64
+//                partials (L2) in a prologue, then applies.  No finalize kernel, no cast or fill
+//                kernels: weight / bias are read in their own dtype (absent = ones / zeros).
+// Loads and stores are VEC-element packs (16 bytes when the layout allows, down to 1 element).
 
-struct GroupNormParams {
-  const void* x;
-  void* y;
-  const float* weight;  // (C,) fp32
-  const float* bias;    // (C,) fp32
-  float* partial;       // (N * G * splits, 3): count, mean, M2
-  float* ab;            // (N * C, 3): mean, scale, shift
-  int64_t N, C, S, G, Cg;
-  int64_t chunk;  // elements of a group per split (multiple of 8)
-  int splits;
-  float eps;
-  bool silu;
-  bool channels_last;
-};
+enum class GnMode { kFused, kStats, kApply };
+constexpr int kGnThreads = 256;
+constexpr int kGnMaxSplits = 64;
+constexpr int64_t kGnFusedMaxElems = 16384;  // one block per group below this (SD 8x8 / 16x16 levels)
 
-struct Welford {
-  float n, mean, m2;
-};
-
-__device__ __forceinline__ Welford welford_merge(Welford a, Welford b) {
-  const float n = a.n + b.n;
-  if (n == 0.0f) return a;
-  const float delta = b.mean - a.mean;
-  const float fb = b.n / n;
-  return {n, a.mean + delta * fb, a.m2 + b.m2 + delta * delta * a.n * fb};
-}
-
-__device__ __forceinline__ Welford welford_add(Welford a, float x) {
-  a.n += 1.0f;
-  const float d = x - a.mean;
-  a.mean += d / a.n;
-  a.m2 += d * (x - a.mean);
-  return a;
-}
-
-template <typename T, int VEC>
-__global__ void __launch_bounds__(256) gn_stats_kernel(GroupNormParams p) {
-  const int64_t ng = blockIdx.x;
-  const int split = blockIdx.y;
-  const int64_t n = ng / p.G, g = ng % p.G;
-  const int64_t M = p.Cg * p.S;
-  const int64_t e0 = split * p.chunk, e1 = min(M, e0 + p.chunk);
-  const T* x = static_cast<const T*>(p.x);
-  Welford w{0.0f, 0.0f, 0.0f};
-  if (!p.channels_last) {
-    const T* base = x + (n * p.C + g * p.Cg) * p.S;
-    // VEC > 1 only when the group span, the chunk and the pointer are 16-byte aligned.
-    for (int64_t e = e0 + threadIdx.x * VEC; e < e1; e += blockDim.x * VEC) {
-      const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(base + e);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) w = welford_add(w, to_f(pk.v[i]));
-    }
-  } else {
-    // TODO(perf): for channels_last a (rows x C) tile per block would read full cache lines.
-    const T* base = x + n * p.S * p.C + g * p.Cg;
-    for (int64_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
-      const int64_t s = e / p.Cg, cc = e - s * p.Cg;
-      w = welford_add(w, to_f(base[s * p.C + cc]));
-    }
+__device__ __forceinline__ float load_affine(const AffineParam& a, int64_t c, float fill) {
+  switch (a.type) {
+    case AffineType::kFloat: return static_cast<const float*>(a.ptr)[c * a.stride];
+    case AffineType::kHalf: return __half2float(static_cast<const __half*>(a.ptr)[c * a.stride]);
+    case AffineType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(a.ptr)[c * a.stride]);
+    default: return fill;
   }
-  // warp then block merge
+}
+
+// Block-wide sum of (a, b); every thread gets the result.
+__device__ __forceinline__ float2 block_sum2(float a, float b) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    Welford o{__shfl_xor_sync(0xffffffffu, w.n, off), __shfl_xor_sync(0xffffffffu, w.mean, off),
-              __shfl_xor_sync(0xffffffffu, w.m2, off)};
-    w = welford_merge(w, o);
+    a += __shfl_xor_sync(0xffffffffu, a, off);
+    b += __shfl_xor_sync(0xffffffffu, b, off);
   }
-  __shared__ Welford warp_w[32];
+  __shared__ float2 warp_sums[kGnThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_w[warp] = w;
+  if (lane == 0) warp_sums[warp] = make_float2(a, b);
   __syncthreads();
-  if (threadIdx.x == 0) {
-    Welford t = warp_w[0];
-    for (int i = 1; i < static_cast<int>(blockDim.x >> 5); ++i) t = welford_merge(t, warp_w[i]);
-    float* out = p.partial + (ng * p.splits + split) * 3;
-    out[0] = t.n;
-    out[1] = t.mean;
-    out[2] = t.m2;
+  if (warp == 0) {
+    float2 t = lane < kGnThreads / 32 ? warp_sums[lane] : make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      t.x += __shfl_xor_sync(0xffffffffu, t.x, off);
+      t.y += __shfl_xor_sync(0xffffffffu, t.y, off);
+    }
+    if (lane == 0) warp_sums[0] = t;
+  }
+  __syncthreads();
+  return warp_sums[0];
+}
+
+// Calls f(offset, cc) for every VEC pack of this block's chunk: offset = element index of the
+// pack in x / y, cc = channel (within the group) of its first element.  Channels-first packs lie
+// in one channel (S % VEC == 0); channels-last packs are VEC consecutive channels (Cg % VEC == 0).
+template <int VEC, typename F>
+__device__ __forceinline__ void gn_for_chunk(const GroupNormParams& p, int64_t base, int split, int64_t chunk,
+                                             F&& f) {
+  if (p.layout == Layout::kChannelsFirst) {
+    const int64_t M = p.Cg * p.S;
+    const int64_t e0 = split * chunk, e1 = min(M, e0 + chunk);
+    const bool small = M < (int64_t(1) << 31);  // 32-bit channel division
+    for (int64_t e = e0 + int64_t(threadIdx.x) * VEC; e < e1; e += int64_t(kGnThreads) * VEC) {
+      const int64_t cc = small ? int64_t(uint32_t(e) / uint32_t(p.S)) : e / p.S;
+      f(base + e, cc);
+    }
+  } else {
+    // tp threads across the Pg packs of a row, R rows at a time (leftover threads idle)
+    const int Pg = static_cast<int>(p.Cg / VEC);
+    const int tp = min(Pg, kGnThreads), R = kGnThreads / tp;
+    const int rt = threadIdx.x / tp, pt = threadIdx.x - rt * tp;
+    if (rt >= R) return;
+    const int64_t s0 = split * chunk, s1 = min(p.S, s0 + chunk);
+    for (int64_t s = s0 + rt; s < s1; s += R)
+      for (int pk = pt; pk < Pg; pk += tp) f(base + s * p.C + int64_t(pk) * VEC, int64_t(pk) * VEC);
   }
 }
 
-__global__ void gn_finalize_kernel(GroupNormParams p) {
+template <typename T, int VEC, GnMode kMode>
+__global__ void __launch_bounds__(kGnThreads) gn_kernel(GroupNormParams p, float* partial, int64_t chunk, int splits) {
   const int64_t ng = blockIdx.x;
-  const int64_t n = ng / p.G, g = ng % p.G;
+  const int split = blockIdx.y;
+  const int64_t n = ng / p.G, g = ng - n * p.G;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  // first element of the group: (n, g * Cg, 0) channels-first, (n, 0, g * Cg) channels-last
+  const int64_t base = p.layout == Layout::kChannelsLast ? n * p.S * p.C + g * p.Cg : (n * p.C + g * p.Cg) * p.S;
+  const float shift = to_f(x[base]);
+  const int64_t M = p.Cg * p.S;
   __shared__ float s_mean, s_rstd;
-  if (threadIdx.x == 0) {
-    Welford t{0.0f, 0.0f, 0.0f};
-    for (int s = 0; s < p.splits; ++s) {
-      const float* q = p.partial + (ng * p.splits + s) * 3;
-      t = welford_merge(t, Welford{q[0], q[1], q[2]});
+
+  float2 sums = make_float2(0.0f, 0.0f);
+  if constexpr (kMode != GnMode::kApply) {
+    float a = 0.0f, b = 0.0f;
+    gn_for_chunk<VEC>(p, base, split, chunk, [&](int64_t off, int64_t) {
+      const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(x + off);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float d = to_f(pk.v[j]) - shift;
+        a += d;
+        b = fmaf(d, d, b);
+      }
+    });
+    sums = block_sum2(a, b);
+    if constexpr (kMode == GnMode::kStats) {
+      if (threadIdx.x == 0) reinterpret_cast<float2*>(partial)[ng * splits + split] = sums;
+      return;
     }
-    s_mean = t.mean;
-    s_rstd = rsqrtf(t.m2 / fmaxf(t.n, 1.0f) + p.eps);
+  } else {
+    if (threadIdx.x < 32) {
+      float2 t = make_float2(0.0f, 0.0f);
+      for (int i = threadIdx.x; i < splits; i += 32) {
+        const float2 q = reinterpret_cast<const float2*>(partial)[ng * splits + i];
+        t.x += q.x;
+        t.y += q.y;
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        t.x += __shfl_xor_sync(0xffffffffu, t.x, off);
+        t.y += __shfl_xor_sync(0xffffffffu, t.y, off);
+      }
+      sums = t;
+    }
+  }
+  if (threadIdx.x == 0) {
+    const float inv_m = 1.0f / static_cast<float>(M);
+    const float md = sums.x * inv_m;  // mean - shift
+    s_mean = shift + md;
+    s_rstd = rsqrtf(fmaxf(sums.y * inv_m - md * md, 0.0f) + static_cast<float>(p.eps));
   }
   __syncthreads();
-  for (int64_t cc = threadIdx.x; cc < p.Cg; cc += blockDim.x) {
-    const int64_t c = g * p.Cg + cc;
-    const float a = s_rstd * p.weight[c];
-    float* out = p.ab + (n * p.C + c) * 3;
-    out[0] = s_mean;
-    out[1] = a;
-    out[2] = p.bias[c];
-  }
+  const float mean = s_mean, rstd = s_rstd;
+  const int64_t c0 = g * p.Cg;
+  gn_for_chunk<VEC>(p, base, split, chunk, [&](int64_t off, int64_t cc) {
+    const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(x + off);
+    Pack<T, VEC> out;
+    if (p.layout == Layout::kChannelsFirst) {  // one channel per pack
+      const float a = rstd * load_affine(p.weight, c0 + cc, 1.0f), b = load_affine(p.bias, c0 + cc, 0.0f);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float r = (to_f(in.v[j]) - mean) * a + b;
+        out.v[j] = from_f<T>(p.silu ? silu_f(r) : r);
+      }
+    } else {  // VEC consecutive channels
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float a = rstd * load_affine(p.weight, c0 + cc + j, 1.0f), b = load_affine(p.bias, c0 + cc + j, 0.0f);
+        const float r = (to_f(in.v[j]) - mean) * a + b;
+        out.v[j] = from_f<T>(p.silu ? silu_f(r) : r);
+      }
+    }
+    *reinterpret_cast<Pack<T, VEC>*>(y + off) = out;
+  });
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(256) gn_apply_kernel(GroupNormParams p) {
-  const int64_t total = p.N * p.C * p.S / VEC;
-  const T* x = static_cast<const T*>(p.x);
-  T* y = static_cast<T*>(p.y);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = i * VEC;
-    const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(x + e);
-    Pack<T, VEC> out;
-    if (!p.channels_last) {  // the VEC elements share one channel (S % VEC == 0)
-      const int64_t nc = e / p.S;
-      const float mu = p.ab[nc * 3], a = p.ab[nc * 3 + 1], b = p.ab[nc * 3 + 2];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        float r = (to_f(in.v[j]) - mu) * a + b;
-        out.v[j] = from_f<T>(p.silu ? silu_f(r) : r);
-      }
-    } else {  // VEC consecutive channels of one pixel (C % VEC == 0)
-      const int64_t n = e / (p.S * p.C), c = e % p.C;
-      const float* ab = p.ab + (n * p.C + c) * 3;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        float r = (to_f(in.v[j]) - ab[3 * j]) * ab[3 * j + 1] + ab[3 * j + 2];
-        out.v[j] = from_f<T>(p.silu ? silu_f(r) : r);
-      }
-    }
-    *reinterpret_cast<Pack<T, VEC>*>(y + e) = out;
+void launch_group_norm_vec(const GroupNormParams& p, const at::Tensor& x, cudaStream_t stream) {
+  const int64_t NG = p.N * p.G, M = p.Cg * p.S;
+  const int sms = num_sms();
+  // split a group over several blocks only when the groups alone leave SMs idle
+  int64_t splits = 1;
+  if (M > kGnFusedMaxElems && NG < 2 * sms) {
+    splits = std::min<int64_t>({(4 * sms + NG - 1) / NG, kGnMaxSplits, std::max<int64_t>(1, M / 4096)});
   }
+  // channels-first chunks are elements (a multiple of VEC), channels-last chunks are rows
+  const int64_t work = p.layout == Layout::kChannelsLast ? p.S : M;
+  int64_t chunk = (work + splits - 1) / splits;
+  if (p.layout == Layout::kChannelsFirst) chunk = (chunk + VEC - 1) / VEC * VEC;
+  splits = (work + chunk - 1) / chunk;
+  const dim3 grid(static_cast<unsigned>(NG), static_cast<unsigned>(splits));
+  const int ns = static_cast<int>(splits);
+  if (splits == 1) {
+    gn_kernel<T, VEC, GnMode::kFused><<<grid, kGnThreads, 0, stream>>>(p, nullptr, chunk, ns);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  at::Tensor partial = at::empty({NG * splits * 2}, x.options().dtype(at::kFloat));  // (NG, splits, {s1, s2})
+  float* part = partial.mutable_data_ptr<float>();
+  gn_kernel<T, VEC, GnMode::kStats><<<grid, kGnThreads, 0, stream>>>(p, part, chunk, ns);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gn_kernel<T, VEC, GnMode::kApply><<<grid, kGnThreads, 0, stream>>>(p, part, chunk, ns);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Largest pack (16 bytes down to one element) that the layout and both pointers allow.
 template <typename T>
-void launch_group_norm(GroupNormParams& p, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t M = p.Cg * p.S;
-  const bool ptr_ok = aligned16(p.x) && aligned16(p.y);
-  // stats: vector loads need every group span to start on a 16-byte boundary
-  const bool stats_vec = ptr_ok && !p.channels_last && (M % kVec == 0);
-  const int64_t want = std::max<int64_t>(1, (4 * num_sms() + p.N * p.G - 1) / (p.N * p.G));
-  p.splits = static_cast<int>(std::min<int64_t>({want, 64, std::max<int64_t>(1, M / 2048)}));
-  p.chunk = ((M + p.splits - 1) / p.splits + 7) / 8 * 8;
-  p.splits = static_cast<int>((M + p.chunk - 1) / p.chunk);
-  const dim3 sgrid(static_cast<unsigned>(p.N * p.G), static_cast<unsigned>(p.splits));
-  if (stats_vec) {
-    gn_stats_kernel<T, kVec><<<sgrid, 256, 0, stream>>>(p);
-  } else {
-    gn_stats_kernel<T, 1><<<sgrid, 256, 0, stream>>>(p);
+void launch_group_norm(const GroupNormParams& p, const at::Tensor& x, cudaStream_t stream) {
+  constexpr int kMaxVec = 16 / sizeof(T);
+  const int64_t along = p.layout == Layout::kChannelsLast ? p.Cg : p.S;  // packs must not cross it
+  int vec = kMaxVec;
+  while (vec > 1 && (along % vec != 0 || !aligned_to(p.x, vec * sizeof(T)) || !aligned_to(p.y, vec * sizeof(T))))
+    vec /= 2;
+  if constexpr (kMaxVec >= 8) {
+    if (vec == 8) return launch_group_norm_vec<T, 8>(p, x, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  gn_finalize_kernel<<<static_cast<unsigned>(p.N * p.G), 128, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const bool apply_vec = ptr_ok && (p.channels_last ? p.C % kVec == 0 : p.S % kVec == 0);
-  const int vec = apply_vec ? kVec : 1;
-  const int64_t items = p.N * p.C * p.S / vec;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((items + 255) / 256, num_sms() * 16));
-  if (apply_vec) {
-    gn_apply_kernel<T, kVec><<<blocks, 256, 0, stream>>>(p);
-  } else {
-    gn_apply_kernel<T, 1><<<blocks, 256, 0, stream>>>(p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (vec == 4) return launch_group_norm_vec<T, 4>(p, x, stream);
+  if (vec == 2) return launch_group_norm_vec<T, 2>(p, x, stream);
+  launch_group_norm_vec<T, 1>(p, x, stream);
+}
+
+// weight / bias as the kernels read them: absent stays absent, fp32 / fp16 / bf16 as they are,
+// anything else (float64) cast to fp32.
+at::Tensor affine_as_read(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  return is_supported_float(t->scalar_type()) ? *t : t->to(at::kFloat);
 }
 
 at::Tensor group_norm_cuda(const at::Tensor& x_in, int64_t groups, const std::optional<at::Tensor>& weight,
@@ -236,30 +263,20 @@ at::Tensor group_norm_cuda(const at::Tensor& x_in, int64_t groups, const std::op
   const at::Tensor x = layout == Layout::kChannelsFirst ? x_in.contiguous() : x_in;
   at::Tensor y = group_norm_output(x, layout);
   if (x.numel() == 0) return y;
-  const at::Tensor w = affine_or(weight, x, 1.0), b = affine_or(bias, x, 0.0);
-  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / (N * C);
-  TORCH_CHECK(N * groups < (int64_t(1) << 31), "sdfused::group_norm: N * groups = ", N * groups,
+  TORCH_CHECK(x.size(0) * groups < (int64_t(1) << 31), "sdfused::group_norm: N * groups = ", x.size(0) * groups,
               " exceeds the CUDA grid limit");
-  at::Tensor partial = at::empty({N * groups * 64 * 3}, x.options().dtype(at::kFloat));
-  at::Tensor ab = at::empty({N * C * 3}, x.options().dtype(at::kFloat));
-  GroupNormParams p{x.const_data_ptr(), y.mutable_data_ptr(), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
-                    partial.mutable_data_ptr<float>(), ab.mutable_data_ptr<float>(), N, C, S, groups, C / groups,
-                    0, 1, static_cast<float>(eps), silu, layout == Layout::kChannelsLast};
+  const at::Tensor w = affine_as_read(weight), b = affine_as_read(bias);
+  const GroupNormParams p = make_group_norm_params(x, y, w, b, groups, eps, silu, layout);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(x.scalar_type(), "group_norm", [&](auto tag) {
     using T = typename DevType<decltype(tag)>::type;
-    launch_group_norm<T>(p, stream);
+    launch_group_norm<T>(p, x, stream);
   });
   return y;
 }
 
 // ---- geglu --------------------------------------------------------------------------------
 
-struct GegluParams {
-  const void* x;
-  void* y;
-  int64_t rows, F;
-};
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) geglu_kernel(GegluParams p) {
@@ -288,8 +305,7 @@ at::Tensor geglu_cuda(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty(geglu_out_shape(x), x.options());
   if (y.numel() == 0) return y;
-  GegluParams p{x.const_data_ptr(), y.mutable_data_ptr(), 0, x.size(-1) / 2};
-  p.rows = y.numel() / p.F;
+  const GegluParams p = make_geglu_params(x, y);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_float(x.scalar_type(), "geglu", [&](auto tag) {
     using T = typename DevType<decltype(tag)>::type;
@@ -308,298 +324,23 @@ at::Tensor geglu_cuda(const at::Tensor& x_in) {
 }
 
 // ---- attention ----------------------------------------------------------------------------
+// ATen SDPA on v * w[:, None, :, None]: one elementwise pass over V (77 rows in cross-attention)
+// in v's dtype, exactly the torch composite; any head dim (the VAE's mid-block has D = 512).
+// The output is made contiguous (B, H, Lq, D), as the fake kernel promises: flash / efficient /
+// cuDNN return a (B, Lq, H, D)-major layout, so this costs one copy of the output.
 
-struct AttnParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  void* o;          // (B, H, Lq, D) contiguous
-  const float* w;   // (B, Lk) fp32 contiguous, or nullptr
-  int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl;  // element strides (D stride is 1)
-  int B, H, Lq, Lk, D;
-  float scale;
-  bool vec_ok;  // 16-byte loads of rows are legal (D, strides and pointers suitably aligned)
-};
-
-// Tensor-core flash attention for fp16 / bf16, head dim padded to DP (multiple of 16).
-// Block = 4 warps = 64 query rows; key/value tiles of 64 rows.  Per key tile each warp does
-// S = Q K^T (WMMA 16x16x16, fp32 accumulate) into shared memory, an online-softmax update on
-// its 16 rows (two lanes per row), then O += P V with O kept as fp32 in shared memory (the WMMA
-// accumulator layout is opaque, so the per-row rescale happens there; an mma.sync register
-// layout would avoid that round trip).
-namespace wmma = nvcuda::wmma;
-constexpr int kBM = 64, kBN = 64, kAttnThreads = 128;
-
-template <int DP>
-struct AttnSmem {
-  static constexpr int LD = DP + 8;        // half-element row stride of Q/K/V tiles
-  static constexpr int LDS = kBN + 4;      // float row stride of S
-  static constexpr int LDP = kBN + 8;      // half row stride of P
-  static constexpr int LDO = DP + 4;       // float row stride of O
-  static constexpr size_t q_off = 0;
-  static constexpr size_t k_off = q_off + size_t(kBM) * LD * 2;
-  static constexpr size_t v_off = k_off + size_t(kBN) * LD * 2;
-  static constexpr size_t w_off = v_off + size_t(kBN) * LD * 2;
-  static constexpr size_t s_off = w_off + size_t(kBN) * 4;
-  static constexpr size_t p_off = s_off + size_t(kBM) * LDS * 4;
-  static constexpr size_t o_off = p_off + size_t(kBM) * LDP * 2;
-  static constexpr size_t bytes = o_off + size_t(kBM) * LDO * 4;
-};
-
-// Loads `rows_valid` rows of D elements (row stride `ld_g`) into a zero-padded (kRows x DP) tile.
-template <typename T, int DP, int kRows>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld_g, int rows_valid, int D, bool vec_ok) {
-  constexpr int LD = DP + 8;
-  constexpr int kChunks = DP / 8;
-  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kAttnThreads) {
-    const int r = idx / kChunks, d0 = (idx % kChunks) * 8;
-    T* out = dst + r * LD + d0;
-    if (vec_ok && r < rows_valid && d0 + 8 <= D) {
-      *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(src + r * ld_g + d0);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        out[j] = (r < rows_valid && d0 + j < D) ? src[r * ld_g + d0 + j] : from_f<T>(0.0f);
-    }
-  }
-}
-
-template <typename T, int DP>
-__global__ void __launch_bounds__(kAttnThreads) attn_wmma_kernel(AttnParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using SM = AttnSmem<DP>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* Qs = reinterpret_cast<T*>(smem + SM::q_off);
-  T* Ks = reinterpret_cast<T*>(smem + SM::k_off);
-  T* Vs = reinterpret_cast<T*>(smem + SM::v_off);
-  float* Ws = reinterpret_cast<float*>(smem + SM::w_off);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* Ss = reinterpret_cast<float*>(smem + SM::s_off) + warp * 16 * SM::LDS;
-  T* Ps = reinterpret_cast<T*>(smem + SM::p_off) + warp * 16 * SM::LDP;
-  float* Os = reinterpret_cast<float*>(smem + SM::o_off) + warp * 16 * SM::LDO;
-
-  const int nqt = (p.Lq + kBM - 1) / kBM;
-  const int bh = blockIdx.x / nqt, qt = blockIdx.x % nqt;
-  const int b = bh / p.H, h = bh % p.H;
-  const int q0 = qt * kBM;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(q0) * p.q_sl;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const float* wg = p.w != nullptr ? p.w + int64_t(b) * p.Lk : nullptr;
-
-  load_tile<T, DP, kBM>(Qs, qg, p.q_sl, min(kBM, p.Lq - q0), p.D, p.vec_ok);
-  for (int i = lane; i < 16 * SM::LDO; i += 32) Os[i] = 0.0f;
-
-  // two lanes per query row; lane pair (2r, 2r+1) owns columns [0, 32) and [32, 64)
-  const int row = lane >> 1, col0 = (lane & 1) * 32;
-  float m_run = -INFINITY, l_run = 0.0f;
-
-  for (int k0 = 0; k0 < p.Lk; k0 += kBN) {
-    const int kv_rows = min(kBN, p.Lk - k0);
-    __syncthreads();  // previous tile fully consumed (and Q tile visible on the first pass)
-    load_tile<T, DP, kBN>(Ks, kg + int64_t(k0) * p.k_sl, p.k_sl, kv_rows, p.D, p.vec_ok);
-    load_tile<T, DP, kBN>(Vs, vg + int64_t(k0) * p.v_sl, p.v_sl, kv_rows, p.D, p.vec_ok);
-    for (int j = threadIdx.x; j < kBN; j += kAttnThreads) Ws[j] = (wg != nullptr && j < kv_rows) ? wg[k0 + j] : 1.0f;
-    __syncthreads();
-
-    // S (16 x 64) = Q_warp (16 x DP) K^T
-#pragma unroll
-    for (int nf = 0; nf < kBN / 16; ++nf) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-      for (int kf = 0; kf < DP / 16; ++kf) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
-        wmma::load_matrix_sync(a, Qs + warp * 16 * SM::LD + kf * 16, SM::LD);
-        wmma::load_matrix_sync(bf, Ks + nf * 16 * SM::LD + kf * 16, SM::LD);
-        wmma::mma_sync(acc, a, bf, acc);
-      }
-      wmma::store_matrix_sync(Ss + nf * 16, acc, SM::LDS, wmma::mem_row_major);
-    }
-    __syncwarp();
-
-    // online softmax on this lane's half row
-    float s[32];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int c = col0 + j;
-      s[j] = c < kv_rows ? Ss[row * SM::LDS + c] * p.scale : -INFINITY;
-      mx = fmaxf(mx, s[j]);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m_run, mx);  // finite: every tile has at least one valid key
-    const float alpha = __expf(m_run - m_new);
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const float e = __expf(s[j] - m_new);  // 0 for masked columns
-      sum += e;
-      Ps[row * SM::LDP + col0 + j] = from_f<T>(e * Ws[col0 + j]);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l_run = l_run * alpha + sum;
-    m_run = m_new;
-    for (int d = lane & 1; d < DP; d += 2) Os[row * SM::LDO + d] *= alpha;
-    __syncwarp();
-
-    // O_warp (16 x DP) += P (16 x 64) V (64 x DP)
-#pragma unroll
-    for (int df = 0; df < DP / 16; ++df) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, Os + df * 16, SM::LDO, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-        wmma::load_matrix_sync(a, Ps + kk * 16, SM::LDP);
-        wmma::load_matrix_sync(bf, Vs + kk * 16 * SM::LD + df * 16, SM::LD);
-        wmma::mma_sync(acc, a, bf, acc);
-      }
-      wmma::store_matrix_sync(Os + df * 16, acc, SM::LDO, wmma::mem_row_major);
-    }
-    __syncwarp();
-  }
-
-  const int qrow = q0 + warp * 16 + row;
-  if (qrow < p.Lq) {
-    const float inv = 1.0f / l_run;
-    T* og = static_cast<T*>(p.o) + ((int64_t(b) * p.H + h) * p.Lq + qrow) * p.D;
-    for (int d = lane & 1; d < p.D; d += 2) og[d] = from_f<T>(Os[row * SM::LDO + d] * inv);
-  }
-#else
-  __trap();  // tensor-core path is only launched on sm_80+
-#endif
-}
-
-// Generic fallback (fp32, or head dims the WMMA path does not cover): one warp per query
-// row, lane owns dims lane, lane + 32, ...; online softmax over keys.
-constexpr int kSimtMaxD = 256;
-
-template <typename T>
-__global__ void __launch_bounds__(128) attn_simt_kernel(AttnParams p) {
-  constexpr int kPer = kSimtMaxD / 32;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int nqt = (p.Lq + 3) / 4;
-  const int bh = blockIdx.x / nqt, qi = (blockIdx.x % nqt) * 4 + warp;
-  if (qi >= p.Lq) return;
-  const int b = bh / p.H, h = bh % p.H;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(qi) * p.q_sl;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  float qv[kPer], acc[kPer];
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int d = lane + 32 * i;
-    qv[i] = d < p.D ? to_f(qg[d]) * p.scale : 0.0f;
-    acc[i] = 0.0f;
-  }
-  float m_run = -INFINITY, l_run = 0.0f;
-  for (int j = 0; j < p.Lk; ++j) {
-    const T* kr = kg + int64_t(j) * p.k_sl;
-    float dot = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int d = lane + 32 * i;
-      if (d < p.D) dot += qv[i] * to_f(kr[d]);
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    const float m_new = fmaxf(m_run, dot);
-    const float alpha = __expf(m_run - m_new), e = __expf(dot - m_new);
-    l_run = l_run * alpha + e;
-    m_run = m_new;
-    const float pw = p.w != nullptr ? e * p.w[int64_t(b) * p.Lk + j] : e;
-    const T* vr = vg + int64_t(j) * p.v_sl;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int d = lane + 32 * i;
-      acc[i] = acc[i] * alpha + (d < p.D ? pw * to_f(vr[d]) : 0.0f);
-    }
-  }
-  T* og = static_cast<T*>(p.o) + ((int64_t(b) * p.H + h) * p.Lq + qi) * p.D;
-  const float inv = 1.0f / l_run;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    const int d = lane + 32 * i;
-    if (d < p.D) og[d] = from_f<T>(acc[i] * inv);
-  }
-}
-
-template <typename T, int DP>
-void launch_attn_wmma(const AttnParams& p, cudaStream_t stream) {
-  constexpr size_t bytes = AttnSmem<DP>::bytes;
-  static_assert(bytes <= 160 * 1024, "attention tile does not fit shared memory");
-  const auto kernel = attn_wmma_kernel<T, DP>;
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-  const int64_t nqt = (int64_t(p.Lq) + kBM - 1) / kBM;
-  kernel<<<static_cast<unsigned>(nqt * p.B * p.H), kAttnThreads, bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Launches the tensor-core kernel when its tile fits the device's opt-in shared memory
-// (sm_86 / sm_89 allow only ~99 KB, less than the DP = 128 / 160 tiles need); false otherwise.
-template <typename T, int DP>
-bool try_attn_wmma(const AttnParams& p, size_t smem_optin, cudaStream_t stream) {
-  if (AttnSmem<DP>::bytes > smem_optin) return false;
-  launch_attn_wmma<T, DP>(p, stream);
-  return true;
-}
-
-template <typename T>
-void launch_attention(const AttnParams& p, bool tensor_cores, size_t smem_optin, cudaStream_t stream) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (tensor_cores) {
-      if (p.D <= 48 && try_attn_wmma<T, 48>(p, smem_optin, stream)) return;
-      if (p.D > 48 && p.D <= 64 && try_attn_wmma<T, 64>(p, smem_optin, stream)) return;
-      if (p.D > 64 && p.D <= 80 && try_attn_wmma<T, 80>(p, smem_optin, stream)) return;
-      if (p.D > 80 && p.D <= 128 && try_attn_wmma<T, 128>(p, smem_optin, stream)) return;
-      if (p.D > 128 && p.D <= 160 && try_attn_wmma<T, 160>(p, smem_optin, stream)) return;
-    }
-  }
-  const int64_t nqt = (int64_t(p.Lq) + 3) / 4;
-  attn_simt_kernel<T><<<static_cast<unsigned>(nqt * p.B * p.H), 128, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                           const std::optional<at::Tensor>& value_weights) {
-  check_attention(q_in, k_in, v_in, value_weights);
-  const at::cuda::OptionalCUDAGuard guard(q_in.device());
-  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
-  const int64_t D = q.size(3);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  if (out.numel() == 0) return out;
-  at::Tensor w;
-  if (value_weights.has_value() && value_weights->defined()) w = value_weights->to(at::kFloat).contiguous();
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const bool half = q.scalar_type() != at::kFloat;
-  const bool tensor_cores = half && D <= 160 && prop->major >= 8;
-  // The tensor-core path falls back to the SIMT kernel where its tile does not fit shared memory.
-  TORCH_CHECK(D <= kSimtMaxD, "sdfused::attention: CUDA supports head dim D <= ", kSimtMaxD, ", got D=", D);
-  TORCH_CHECK(q.size(2) < (int64_t(1) << 31) && k.size(2) < (int64_t(1) << 31),
-              "sdfused::attention: sequence length too large");
-  // Both kernels put (B * H * query tiles) on gridDim.x (at most 2^31 - 1 blocks); SIMT tiles are 4 rows.
-  TORCH_CHECK(q.size(0) * q.size(1) * ((q.size(2) + 3) / 4) < (int64_t(1) << 31),
-              "sdfused::attention: B * H * Lq too large for one launch, got q shape ", q.sizes());
-  AttnParams p{q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(), out.mutable_data_ptr(),
-               w.defined() ? w.const_data_ptr<float>() : nullptr,
-               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2),
-               static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(q.size(2)),
-               static_cast<int>(k.size(2)), static_cast<int>(D), static_cast<float>(scale), false};
-  bool vec_ok = D % 8 == 0 && aligned16(p.q) && aligned16(p.k) && aligned16(p.v);
-  for (int64_t s : {p.q_sb, p.q_sh, p.q_sl, p.k_sb, p.k_sh, p.k_sl, p.v_sb, p.v_sh, p.v_sl}) vec_ok &= s % 8 == 0;
-  p.vec_ok = vec_ok;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(q.scalar_type(), "attention", [&](auto tag) {
-    using T = typename DevType<decltype(tag)>::type;
-    launch_attention<T>(p, tensor_cores, prop->sharedMemPerBlockOptin, stream);
-  });
-  return out;
+  check_attention(q, k, v, value_weights);
+  const at::cuda::OptionalCUDAGuard guard(q.device());
+  if (q.numel() == 0) return at::empty(q.sizes(), q.options());
+  at::Tensor vw = v;
+  if (value_weights.has_value() && value_weights->defined()) {
+    vw = v * value_weights->to(v.scalar_type()).unsqueeze(1).unsqueeze(3);  // (B, 1, Lk, 1)
+  }
+  return at::scaled_dot_product_attention(q, k, vw, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
+                                          /*is_causal=*/false, /*scale=*/scale)
+      .contiguous();
 }
 
 }  // namespace
