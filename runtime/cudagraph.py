@@ -7,12 +7,16 @@ the next replay overwrites the graph's output buffer.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 Key = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+Replay = Callable[[tuple[Tensor, ...]], Tensor]
+# (fn, example args, warm-up calls) -> a replay of fn for args of that signature
+Capture = Callable[[Callable[..., Tensor], tuple[Tensor, ...], int], Replay]
 
 
 class _Graph:
@@ -36,19 +40,30 @@ class _Graph:
 
 
 class GraphedCall:
-    """Wraps `fn(*tensors) -> tensor`; captures lazily on the first call of each signature."""
+    """Wraps `fn(*tensors) -> tensor`; captures lazily on the first call of each signature.
 
-    def __init__(self, fn: Callable[..., Tensor], warmup: int = 2, max_graphs: int = 16) -> None:
+    At most `max_graphs` captures are kept (each holds its own memory pool); when a new signature
+    needs room, the least recently used capture is dropped.  `capture` makes the replays (CUDA
+    graphs by default; the tests pass a CPU stand-in to check the cache without a GPU)."""
+
+    def __init__(
+        self, fn: Callable[..., Tensor], warmup: int = 2, max_graphs: int = 16, capture: Capture = _Graph
+    ) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
         self.fn = fn
         self.warmup = warmup
         self.max_graphs = max_graphs
-        self.graphs: dict[Key, _Graph] = {}
+        self.capture = capture
+        self.graphs: OrderedDict[Key, Replay] = OrderedDict()  # least recently used first
 
     def __call__(self, *args: Tensor) -> Tensor:
         key: Key = tuple((tuple(a.shape), a.dtype) for a in args)
         graph = self.graphs.get(key)
         if graph is None:
-            if len(self.graphs) >= self.max_graphs:  # bound memory: drop the oldest capture
-                self.graphs.pop(next(iter(self.graphs)))
-            graph = self.graphs[key] = _Graph(self.fn, args, self.warmup)
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)
+            graph = self.graphs[key] = self.capture(self.fn, args, self.warmup)
+        else:
+            self.graphs.move_to_end(key)
         return graph(args)
