@@ -14,7 +14,17 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_configs import KINDS, scheduler_config, text_config, unet_config, vae_config
+from tiny_configs import (
+    KINDS,
+    XL_KINDS,
+    XL_POOLED_DIM,
+    XL_TIME_IDS,
+    scheduler_config,
+    text_config,
+    text_config_2,
+    unet_config,
+    vae_config,
+)
 from torch import nn
 from torch.export import Dim
 
@@ -25,6 +35,7 @@ from sdexport.models import (
     Kernels,
     TextEncoder,
     TextEncoderConfig,
+    TextEncoderWithProjection,
     UNet,
     UNetConfig,
     VAEConfig,
@@ -41,6 +52,7 @@ transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 REFERENCE_CONFIGS = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "model_configs.json"
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "sdexport" / "data" / "model_configs.json"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,6 +100,17 @@ UNET_VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {
         up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
         attention_head_dim=[2, 2],
     ),
+    "sdxl": lambda: unet_config("sdxl"),
+    "sdxl-refiner": lambda: unet_config("sdxl-refiner"),
+    # SDXL-shaped in two levels: first level without attention, depths [1, 2] (mid block 2)
+    "sdxl-export": lambda: _variant(
+        "sdxl",
+        block_out_channels=[32, 32],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[2, 2],
+        transformer_layers_per_block=[1, 2],
+    ),
 }
 
 
@@ -124,13 +147,33 @@ def hf_text(kind: str) -> nn.Module:
 
 
 def unet_inputs(name: str, batch: int = 2, size: int = 16, tokens: int = 7) -> dict[str, torch.Tensor]:
+    """Keyword arguments of our UNet; SDXL variants add ``text_embeds`` and ``time_ids``."""
     cfg = UNET_VARIANTS[name]()
     g = torch.Generator().manual_seed(1)
-    return {
+    inp = {
         "sample": torch.randn(batch, cfg["in_channels"], size, size, generator=g),
         "timestep": torch.tensor([999, 1, 500, 250][:batch]),
         "context": torch.randn(batch, tokens, cfg["cross_attention_dim"], generator=g),
     }
+    if cfg.get("addition_embed_type") == "text_time":
+        n = (cfg["projection_class_embeddings_input_dim"] - XL_POOLED_DIM) // cfg["addition_time_embed_dim"]
+        # base: original h, w, crop top, left, target h, w; refiner: original h, w, crop top, left, aesthetic
+        ids = {6: [[1024, 768, 0, 0, 1024, 1024], [512, 512, 16, 32, 768, 1024]],
+               5: [[1024, 768, 0, 0, 6.0], [512, 512, 16, 32, 2.5]]}[n]
+        inp["text_embeds"] = torch.randn(batch, XL_POOLED_DIM, generator=g)
+        inp["time_ids"] = torch.tensor(ids * batch, dtype=torch.float32)[:batch]  # float, as diffusers' SDXL
+    return inp
+
+
+def diffusers_forward(model: nn.Module, inp: dict[str, torch.Tensor]) -> torch.Tensor:
+    """diffusers' call for the inputs of :func:`unet_inputs` (SDXL's go in ``added_cond_kwargs``)."""
+    added = {k: inp[k] for k in ("text_embeds", "time_ids") if k in inp}
+    out = model(inp["sample"], inp["timestep"], inp["context"], added_cond_kwargs=added or None)
+    return out.sample  # type: ignore[no-any-return]
+
+
+def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @contextmanager
@@ -160,8 +203,18 @@ def test_tiny_configs_are_consistent() -> None:
         diffusers.DDIMScheduler.from_config(scheduler_config(kind))
     assert scheduler_config("sd2")["prediction_type"] == "v_prediction"
     assert unet_config("sd1-inpaint")["in_channels"] == 9
+    base, refiner = unet_config("sdxl"), unet_config("sdxl-refiner")
+    assert base["cross_attention_dim"] == text_config("sdxl")["hidden_size"] + text_config_2("sdxl")["hidden_size"]
+    assert refiner["cross_attention_dim"] == text_config_2("sdxl-refiner")["hidden_size"]
+    for kind in XL_KINDS:
+        cfg = unet_config(kind)
+        width = text_config_2(kind)["projection_dim"] + XL_TIME_IDS[kind] * cfg["addition_time_embed_dim"]
+        assert cfg["projection_class_embeddings_input_dim"] == width
+        assert diffusers.EulerDiscreteScheduler.from_config(scheduler_config(kind)).config.timestep_spacing == "leading"
     with pytest.raises(ValueError):
-        unet_config("sdxl")
+        text_config("sdxl-refiner")
+    with pytest.raises(ValueError):
+        unet_config("sd3")
 
 
 def test_unet_config_parsing() -> None:
@@ -172,14 +225,34 @@ def test_unet_config_parsing() -> None:
     # unknown keys are ignored, defaults are diffusers'
     assert UNetConfig.from_diffusers({}) == UNetConfig.from_diffusers({"foo": 1})
     assert UNetConfig.from_diffusers({}).cross_attention_dim == 1280
+    assert not UNetConfig.from_diffusers({}).text_time
+
+
+def test_unet_config_parsing_sdxl() -> None:
+    base = UNetConfig.from_diffusers(unet_config("sdxl"))
+    assert base.text_time and base.addition_time_embed_dim == 8
+    assert base.projection_class_embeddings_input_dim == XL_POOLED_DIM + 6 * 8
+    assert base.transformer_layers_per_block == (1, 2, 3) and base.num_heads == (2, 4, 4)
+    assert UNetConfig.from_diffusers(unet_config("sdxl-refiner")).transformer_layers_per_block == (2, 2, 2)
+    # diffusers ignores the text_time dimensions without addition_embed_type
+    plain = UNetConfig.from_diffusers(_variant("sd1", addition_time_embed_dim=256,
+                                               projection_class_embeddings_input_dim=2816))
+    assert not plain.text_time and plain == UNetConfig.from_diffusers(unet_config("sd1"))
 
 
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("addition_embed_type", "text_time"),
+        ("addition_embed_type", "text"),
+        ("addition_embed_type", "image"),
+        ("addition_embed_type", "text_time"),  # without its two dimensions
         ("class_embed_type", "timestep"),
-        ("transformer_layers_per_block", [1, 2, 10]),
+        ("transformer_layers_per_block", [[1, 1], [2, 2], [1, 1]]),
+        ("transformer_layers_per_block", [1, 2]),
+        ("reverse_transformer_layers_per_block", [[1, 1, 1], [2, 2, 2], [1, 1, 1]]),
+        ("num_attention_heads", [5, 10, 20]),
+        ("only_cross_attention", True),
+        ("cross_attention_dim", [32, 64, 64]),
         ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
         ("resnet_time_scale_shift", "scale_shift"),
         ("time_cond_proj_dim", 256),
@@ -191,22 +264,53 @@ def test_unet_rejects_unsupported(option: str, value: Any) -> None:
         UNetConfig.from_diffusers(_variant("sd1", **{option: value}))
 
 
-def test_real_configs_parse_or_reject() -> None:
+def test_real_configs_parse() -> None:
     if not REFERENCE_CONFIGS.exists():
         pytest.skip("shared reference configs missing")
     ref = json.loads(REFERENCE_CONFIGS.read_text())
-    for name in ("sd15", "sd21_base", "sd21_768_v"):
-        UNetConfig.from_diffusers(ref[name]["unet"])
-        VAEConfig.from_diffusers(ref[name]["vae"])
-        TextEncoderConfig.from_transformers(ref[name]["text_encoder"])
+    ours = json.loads(PACKAGE_CONFIGS.read_text())
+    for name in ("sd15", "sd21_base", "sd21_768_v", "sdxl_base"):
+        assert {k: v for k, v in ours[name].items() if k != "pipeline"} == ref[name], name
+    for name in ("sd15", "sd21_base", "sd21_768_v", "sdxl_base", "sdxl_refiner"):
+        UNetConfig.from_diffusers(ours[name]["unet"])
+        VAEConfig.from_diffusers(ours[name]["vae"])
+        for key in ("text_encoder", "text_encoder_2"):
+            if key in ours[name]:
+                TextEncoderConfig.from_transformers(ours[name][key])
     assert UNetConfig.from_diffusers(ref["sd21_768_v"]["unet"]).num_heads == (5, 10, 20, 20)
-    with pytest.raises(ValueError, match="unsupported config option"):
-        UNetConfig.from_diffusers(ref["sdxl_base"]["unet"])
+    xl = UNetConfig.from_diffusers(ref["sdxl_base"]["unet"])
+    assert xl.transformer_layers_per_block == (1, 2, 10) and xl.num_heads == (5, 10, 20)
+    assert xl.projection_class_embeddings_input_dim == 1280 + 6 * 256
+    refiner = UNetConfig.from_diffusers(ours["sdxl_refiner"]["unet"])
+    assert refiner.projection_class_embeddings_input_dim == 1280 + 5 * 256
+    assert refiner.cross_attention_dim == ours["sdxl_refiner"]["text_encoder_2"]["hidden_size"]
+    assert "text_encoder" not in ours["sdxl_refiner"]
+    vae = VAEConfig.from_diffusers(ref["sdxl_base"]["vae"])
+    assert vae.scaling_factor == 0.13025 and vae.force_upcast
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sdxl_base", "sdxl_refiner"])
+def test_real_size_sdxl_shapes_on_meta(name: str) -> None:
+    """The published SDXL architectures, shapes only: our modules' state dicts equal the references'."""
+    cfg = json.loads(PACKAGE_CONFIGS.read_text())[name]
+    with torch.device("meta"):
+        ref_unet = diffusers.UNet2DConditionModel(**cfg["unet"])
+        unet = UNet(UNetConfig.from_diffusers(cfg["unet"]))
+        ref_text = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**cfg["text_encoder_2"]))
+        text = TextEncoderWithProjection(TextEncoderConfig.from_transformers(cfg["text_encoder_2"]))
+    assert shapes(unet) == shapes(ref_unet)
+    assert shapes(text) == shapes(ref_text)
 
 
 def test_vae_and_text_config_rejects() -> None:
     with pytest.raises(ValueError, match="shift_factor"):
         VAEConfig.from_diffusers({**vae_config(), "shift_factor": 0.1159})
+    with pytest.raises(ValueError, match="latents_mean"):
+        VAEConfig.from_diffusers({**vae_config("sdxl"), "latents_mean": [0.0] * 4})
+    xl = VAEConfig.from_diffusers(vae_config("sdxl"))
+    assert xl.scaling_factor == 0.13025 and xl.force_upcast
+    assert not VAEConfig.from_diffusers({**vae_config(), "force_upcast": False}).force_upcast
     with pytest.raises(ValueError, match="up_block_types"):
         VAEConfig.from_diffusers({**vae_config(), "up_block_types": ["UpDecoderBlock2D"] * 3 + ["X"]})
     with pytest.raises(ValueError, match="hidden_act"):
@@ -222,15 +326,39 @@ def test_vae_and_text_config_rejects() -> None:
 @pytest.mark.parametrize("name", list(UNET_VARIANTS))
 def test_unet_matches_diffusers(name: str) -> None:
     ref_model, model = diffusers_unet(name), our_unet(name)
-    assert set(model.state_dict()) == set(ref_model.state_dict())
+    assert shapes(model) == shapes(ref_model)
     inp = unet_inputs(name)
     with torch.no_grad():
-        ref = ref_model(inp["sample"], inp["timestep"], inp["context"]).sample
-        out = model(inp["sample"], inp["timestep"], inp["context"])
-        out_ones = model(inp["sample"], inp["timestep"], inp["context"], torch.ones(2, 7))
+        ref = diffusers_forward(ref_model, inp)
+        out = model(**inp)
+        out_ones = model(**inp, token_weights=torch.ones(2, 7))
     assert out.shape == ref.shape
-    assert rel_err(ref, out) <= TOL
+    assert (ref - out).abs().max() <= TOL
     assert torch.equal(out, out_ones)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sdxl-refiner"])
+def test_unet_text_time_conditioning(name: str) -> None:
+    """The added conditioning reaches the output, in diffusers' way (each time id and the pooled
+    embedding matter), and the UNet asks for what its config needs."""
+    ref_model, model = diffusers_unet(name), our_unet(name)
+    inp = unet_inputs(name)
+    other = {**inp, "time_ids": inp["time_ids"] + torch.tensor([0, 0, 0, 8.0] + [0] * (inp["time_ids"].shape[1] - 4))}
+    with torch.no_grad():
+        base = model(**inp)
+        moved = model(**other)
+        assert (diffusers_forward(ref_model, other) - moved).abs().max() <= TOL
+        assert rel_err(base, moved) > 1e-4
+        assert rel_err(base, model(**{**inp, "text_embeds": torch.zeros_like(inp["text_embeds"])})) > 1e-4
+        with pytest.raises(ValueError, match="text_embeds"):
+            model(inp["sample"], inp["timestep"], inp["context"])
+        with pytest.raises(ValueError, match="time_ids"):
+            model(inp["sample"], inp["timestep"], inp["context"], text_embeds=inp["text_embeds"])
+        with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
+            model(**{**inp, "time_ids": inp["time_ids"][:, :3]})
+        sd1 = unet_inputs("sd1")
+        with pytest.raises(ValueError, match="text_time"):
+            our_unet("sd1")(**sd1, text_embeds=inp["text_embeds"], time_ids=inp["time_ids"])
 
 
 @pytest.mark.parametrize("timestep", [torch.tensor(321), torch.tensor(321.5), torch.tensor([321, 321])])
@@ -243,18 +371,18 @@ def test_unet_timestep_forms(timestep: torch.Tensor) -> None:
     assert rel_err(ref, out) <= TOL
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2"])
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
 def test_emphasis_matches_scaled_value_rows(name: str) -> None:
     ref_model, model = diffusers_unet(name), our_unet(name)
     inp = unet_inputs(name)
     w = torch.tensor([[1.0, 0.0, 1.3, 1.0, 0.0, 0.7, 1.0], [1.0, -0.5, 1.0, 2.0, 1.0, 1.0, 0.0]])
     with torch.no_grad():
-        out = model(inp["sample"], inp["timestep"], inp["context"], w)
+        out = model(**inp, token_weights=w)
         with scaled_value_rows(ref_model, w):
-            ref = ref_model(inp["sample"], inp["timestep"], inp["context"]).sample
+            ref = diffusers_forward(ref_model, inp)
         with scaled_value_rows(model, w):
-            ours_hooked = model(inp["sample"], inp["timestep"], inp["context"])
-        plain = model(inp["sample"], inp["timestep"], inp["context"])
+            ours_hooked = model(**inp)
+        plain = model(**inp)
     assert rel_err(ref, out) <= TOL
     assert rel_err(ours_hooked, out) <= 1e-5
     assert rel_err(plain, out) > 1e-3
@@ -325,7 +453,7 @@ def test_set_backend_reaches_every_call_site() -> None:
         set_attention_chunks(m, 0)
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2"])
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "sdxl-refiner"])
 def test_backends_agree_unet(name: str) -> None:
     model = our_unet(name)
     inp = unet_inputs(name)
@@ -358,11 +486,12 @@ def _fused_ops_or_skip() -> Any:
     return ops
 
 
-def test_fused_backend_agrees() -> None:
+@pytest.mark.parametrize("name", ["sd2", "sdxl"])
+def test_fused_backend_agrees(name: str) -> None:
     _fused_ops_or_skip()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = our_unet("sd2")
-    inp = {k: v.to(dev) for k, v in unet_inputs("sd2").items()}
+    model = our_unet(name)
+    inp = {k: v.to(dev) for k, v in unet_inputs(name).items()}
     w = (torch.rand(2, 7) * 2 - 0.5).to(dev)
     vae = our_vae()
     z = torch.randn(1, 4, 8, 8).to(dev)
@@ -389,12 +518,14 @@ def test_fused_backend_exports_as_custom_ops() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_low_precision_runs(dtype: torch.dtype) -> None:
-    model = copy.deepcopy(our_unet("sd2")).to(dtype)
-    inp = unet_inputs("sd2")
+@pytest.mark.parametrize("name", ["sd2", "sdxl"])
+def test_low_precision_runs(name: str, dtype: torch.dtype) -> None:
+    model = copy.deepcopy(our_unet(name)).to(dtype)
+    inp = unet_inputs(name)
+    low = {k: v.to(dtype) if v.is_floating_point() and k not in ("timestep", "time_ids") else v for k, v in inp.items()}
     with torch.no_grad():
-        ref = our_unet("sd2")(**inp)
-        out = model(inp["sample"].to(dtype), inp["timestep"], inp["context"].to(dtype), torch.ones(2, 7))
+        ref = our_unet(name)(**inp)
+        out = model(**low, token_weights=torch.ones(2, 7))
     assert out.dtype == dtype and model.dtype == dtype
     assert rel_err(ref, out.float()) < 0.1
 
@@ -424,20 +555,93 @@ def test_vae_matches_diffusers() -> None:
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
-@pytest.mark.parametrize("clip_skip", [1, 2])
-def test_text_encoder_matches_transformers(kind: str, clip_skip: int) -> None:
+@pytest.mark.parametrize(("clip_skip", "final_norm"), [(1, True), (2, True), (2, False)])
+def test_text_encoder_matches_transformers(kind: str, clip_skip: int, final_norm: bool) -> None:
     ref_model = hf_text(kind)
-    enc = TextEncoder(TextEncoderConfig.from_transformers(text_config(kind), clip_skip=clip_skip)).eval()
+    cfg = TextEncoderConfig.from_transformers(text_config(kind), clip_skip=clip_skip, final_norm=final_norm)
+    enc = TextEncoder(cfg).eval()
+    assert shapes(enc) == shapes(ref_model)
     enc.load_state_dict(ref_model.state_dict(), strict=True)
     ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = ref_model(ids, output_hidden_states=True)
-        ref = out.last_hidden_state if clip_skip == 1 else ref_model.final_layer_norm(out.hidden_states[-2])
+        ref = out.hidden_states[-clip_skip]
+        ref = ref_model.final_layer_norm(ref) if final_norm else ref
         got = enc(ids)
-        wrapped = TextEncoder.wrap(ref_model, clip_skip=clip_skip)(ids)
+        wrapped = TextEncoder.wrap(ref_model, clip_skip=clip_skip, final_norm=final_norm)(ids)
     assert got.shape == (2, 77, text_config(kind)["hidden_size"])
     assert rel_err(ref, got) <= TOL
     assert torch.equal(got, wrapped)
+
+
+@cache
+def hf_text_2(eos: int) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.CLIPTextConfig(**{**text_config_2("sdxl"), "eos_token_id": eos})
+    return transformers.CLIPTextModelWithProjection(cfg).eval()
+
+
+def our_text_2(eos: int, clip_skip: int = 2, final_norm: bool = False) -> TextEncoderWithProjection:
+    cfg = TextEncoderConfig.from_transformers({**text_config_2("sdxl"), "eos_token_id": eos}, clip_skip, final_norm)
+    enc = TextEncoderWithProjection(cfg).eval()
+    enc.load_state_dict(hf_text_2(eos).state_dict(), strict=True)
+    return enc
+
+
+def prompt_ids(pad: int, lengths: tuple[int, ...] = (5, 40)) -> torch.Tensor:
+    """Tokenizer-shaped ids: BOS, random words, EOS, then ``pad`` (SDXL: tokenizer 1 pads with EOS,
+    tokenizer 2 with "!" = 0)."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.full((len(lengths), 77), pad)
+    for row, n in enumerate(lengths):
+        ids[row, 0] = 49406
+        ids[row, 1 : n + 1] = torch.randint(1, 49406, (n,), generator=g)
+        ids[row, n + 1] = 49407
+    return ids
+
+
+@pytest.mark.parametrize("eos", [2, 49407])
+@pytest.mark.parametrize("pad", [0, 49407])
+def test_text_encoder_2_matches_transformers(eos: int, pad: int) -> None:
+    """``CLIPTextModelWithProjection``: the same state dict (``text_model.*``, ``text_projection``),
+    SDXL's context ``hidden_states[-2]`` (no final norm) and the projected pooled output ``text_embeds``
+    at the EOS token, under the legacy (``eos_token_id=2``: argmax) and current (first EOS) rules."""
+    ref_model, enc = hf_text_2(eos), our_text_2(eos)
+    assert shapes(enc) == shapes(ref_model)
+    assert "text_projection.bias" not in shapes(enc)
+    ids = prompt_ids(pad)
+    with torch.no_grad():
+        out = ref_model(ids, output_hidden_states=True)
+        context, pooled = enc(ids)
+        wrapped = TextEncoderWithProjection.wrap(ref_model, clip_skip=2, final_norm=False)(ids)
+        last, pooled_last = our_text_2(eos, clip_skip=1, final_norm=True)(ids)
+    assert context.shape == (2, 77, 48) and pooled.shape == (2, XL_POOLED_DIM)
+    assert (out.hidden_states[-2] - context).abs().max() <= TOL
+    assert (out.text_embeds - pooled).abs().max() <= TOL
+    assert (out.last_hidden_state - last).abs().max() <= TOL
+    assert torch.equal(pooled, pooled_last)
+    assert torch.equal(wrapped[0], context) and torch.equal(wrapped[1], pooled)
+
+
+def test_sdxl_conditioning_end_to_end() -> None:
+    """diffusers' SDXL ``encode_prompt`` recipe (both encoders' ``hidden_states[-2]`` concatenated, encoder
+    2's ``text_embeds`` pooled) from our encoders, into our UNet, against the references all the way."""
+    ref1, ref2 = hf_text("sdxl"), hf_text_2(2)
+    enc1 = TextEncoder(TextEncoderConfig.from_transformers(text_config("sdxl"), clip_skip=2, final_norm=False)).eval()
+    enc1.load_state_dict(ref1.state_dict(), strict=True)
+    enc2 = our_text_2(2)
+    ids1, ids2 = prompt_ids(49407), prompt_ids(0)
+    inp = unet_inputs("sdxl", tokens=77)
+    with torch.no_grad():
+        out2 = ref2(ids2, output_hidden_states=True)
+        ref_ctx = torch.cat([ref1(ids1, output_hidden_states=True).hidden_states[-2], out2.hidden_states[-2]], -1)
+        ctx2, pooled = enc2(ids2)
+        ctx = torch.cat([enc1(ids1), ctx2], dim=-1)
+        assert ctx.shape[-1] == unet_config("sdxl")["cross_attention_dim"]
+        assert (ref_ctx - ctx).abs().max() <= TOL
+        ref = diffusers_forward(diffusers_unet("sdxl"), {**inp, "context": ref_ctx, "text_embeds": out2.text_embeds})
+        out = our_unet("sdxl")(**{**inp, "context": ctx, "text_embeds": pooled})
+    assert (ref - out).abs().max() <= TOL
 
 
 def test_strip_text_model_prefix() -> None:
@@ -469,6 +673,42 @@ def test_export_unet_dynamic_batch_and_size() -> None:
     tw = torch.rand(3, 7, generator=g)
     with torch.no_grad():
         assert rel_err(model(x, t, ctx, tw), ep.module()(x, t, ctx, tw)) <= 1e-5
+
+
+def test_export_sdxl_unet_dynamic_batch_and_size() -> None:
+    model = our_unet("sdxl-export")
+    inp = unet_inputs("sdxl-export")
+    b, h, wd = Dim("batch", max=64), Dim("h8", min=1, max=32), Dim("w8", min=1, max=32)
+    ep = torch.export.export(
+        model,
+        (inp["sample"], inp["timestep"], inp["context"], torch.ones(2, 7)),
+        {"text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]},
+        dynamic_shapes={
+            "sample": {0: b, 2: 8 * h, 3: 8 * wd},
+            "timestep": {0: b},
+            "context": {0: b},
+            "token_weights": {0: b},
+            "text_embeds": {0: b},
+            "time_ids": {0: b},
+        },
+    )
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 24, 40, generator=g)
+    args = (x, torch.tensor([10, 20, 30]), torch.randn(3, 7, 80, generator=g), torch.rand(3, 7, generator=g))
+    kw = {"text_embeds": torch.randn(3, XL_POOLED_DIM, generator=g),
+          "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 512, 768]] * 3)}
+    with torch.no_grad():
+        assert rel_err(model(*args, **kw), ep.module()(*args, **kw)) <= 1e-5
+
+
+def test_export_text_encoder_2() -> None:
+    enc = our_text_2(2)
+    ids = prompt_ids(0)
+    ep = torch.export.export(enc, (ids,), dynamic_shapes=({0: Dim("batch", max=16)},))
+    one = prompt_ids(0, lengths=(12,))
+    with torch.no_grad():
+        for a, b in zip(enc(one), ep.module()(one), strict=True):
+            assert rel_err(a, b) <= 1e-5
 
 
 def test_export_vae_and_text_encoder() -> None:

@@ -97,8 +97,8 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    """Spatial transformer: GroupNorm, ``proj_in`` (1x1 conv or linear), one transformer block over the
-    ``H*W`` tokens, ``proj_out``, plus the input as residual."""
+    """Spatial transformer: GroupNorm, ``proj_in`` (1x1 conv or linear), ``depth`` transformer blocks over
+    the ``H*W`` tokens (SD 1.x/2.x: 1, SDXL: up to 10), ``proj_out``, plus the input as residual."""
 
     def __init__(
         self,
@@ -108,6 +108,7 @@ class Transformer2D(nn.Module):
         groups: int,
         use_linear_projection: bool,
         upcast: bool,
+        depth: int = 1,
     ) -> None:
         super().__init__()
         head_dim = channels // heads
@@ -122,7 +123,7 @@ class Transformer2D(nn.Module):
             self.proj_in = nn.Conv2d(channels, channels, 1)
             self.proj_out = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, heads, head_dim, context_dim, upcast)]
+            [BasicTransformerBlock(channels, heads, head_dim, context_dim, upcast) for _ in range(depth)]
         )
 
     def forward(

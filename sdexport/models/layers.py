@@ -16,7 +16,6 @@ constant for ``torch.export``. The FUSED branch imports ``runtime.ops`` lazily.
 from __future__ import annotations
 
 import enum
-import math
 from typing import Any
 
 import torch
@@ -28,10 +27,9 @@ __all__ = [
     "AttentionOp",
     "GroupNorm",
     "Kernels",
-    "attention_reference",
+    "reference_attention",
     "set_attention_chunks",
     "set_backend",
-    "timestep_embedding",
 ]
 
 
@@ -47,7 +45,7 @@ DEFAULT_BACKEND = Kernels.SDPA
 
 
 def _ops() -> Any:
-    # Imported lazily: runtime.ops is optional and may build native code on import.
+    # Imported lazily: only the FUSED kernels need runtime.ops (and its prebuilt extension).
     from runtime import ops
 
     return ops
@@ -85,7 +83,7 @@ class GroupNorm(nn.Module):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, silu={self.silu}"
 
 
-def attention_reference(
+def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -120,7 +118,7 @@ class AttentionOp(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if self.backend is Kernels.REFERENCE:
-            return attention_reference(q, k, v, scale, self.upcast)
+            return reference_attention(q, k, v, scale, self.upcast)
         # SDPA's fused kernels keep scores and softmax in float32 internally, which is what upcasting
         # asks for (diffusers' SDPA processor likewise ignores the flag).
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -183,26 +181,3 @@ def set_attention_chunks(model: nn.Module, chunks: int) -> None:
     for m in model.modules():
         if isinstance(m, AttentionOp):
             m.chunks = chunks
-
-
-def timestep_embedding(
-    timesteps: torch.Tensor,
-    dim: int,
-    flip_sin_to_cos: bool,
-    freq_shift: float,
-    max_period: float = 10000.0,
-) -> torch.Tensor:
-    """Sinusoidal embedding of ``(N,)`` timesteps, float32 ``(N, dim)``.
-
-    Frequencies are ``exp(-ln(max_period) * i / (dim/2 - freq_shift))``; the result is
-    ``[sin, cos]`` or ``[cos, sin]`` when ``flip_sin_to_cos``; odd ``dim`` is zero padded.
-    """
-    half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * (-math.log(max_period))
-    freqs = torch.exp(exponent / (half - freq_shift))
-    args = timesteps.float()[:, None] * freqs[None, :]
-    sin, cos = torch.sin(args), torch.cos(args)
-    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
-    if dim % 2 == 1:
-        emb = F.pad(emb, (0, 1))
-    return emb

@@ -1,9 +1,11 @@
-"""The CLIP text encoder as SD uses it: token ids -> per-token hidden states.
+"""The CLIP text encoders as SD uses them: token ids -> per-token hidden states (and, for SDXL's second
+encoder, the projected pooled embedding).
 
-The submodules are those of ``transformers.CLIPTextModel`` (``embeddings``, ``encoder.layers.*``,
-``final_layer_norm``), so its state dict loads strictly. The forward pass is written out explicitly
-(causal SDPA, no masks, no output containers) to be ``torch.export``-able and independent of the
-transformers attention dispatch.
+:class:`TextEncoder` has the submodules of transformers 5's ``CLIPTextModel`` (``embeddings``,
+``encoder.layers.*``, ``final_layer_norm``); :class:`TextEncoderWithProjection` those of
+``CLIPTextModelWithProjection`` (``text_model.*``, ``text_projection``), so their state dicts load
+strictly. The forward pass is written out explicitly (causal SDPA, no masks, no output containers) to be
+``torch.export``-able and independent of the transformers attention dispatch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from .config import TextEncoderConfig
 
-__all__ = ["TextEncoder", "strip_text_model_prefix"]
+__all__ = ["TextEncoder", "TextEncoderWithProjection", "strip_text_model_prefix"]
 
 
 def strip_text_model_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -38,7 +40,7 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 class TextEncoder(nn.Module):
     """``forward(ids (B, L) int64) -> (B, L, hidden_size)``: the hidden state ``clip_skip`` layers from
-    the top (1 = last layer), passed through the final layer norm."""
+    the top (1 = last layer), passed through the final layer norm when ``config.final_norm``."""
 
     def __init__(self, config: TextEncoderConfig, clip_model: nn.Module | None = None) -> None:
         super().__init__()
@@ -55,11 +57,11 @@ class TextEncoder(nn.Module):
         self.heads = config.num_attention_heads
 
     @classmethod
-    def wrap(cls, clip_model: nn.Module, clip_skip: int = 1) -> TextEncoder:
+    def wrap(cls, clip_model: nn.Module, clip_skip: int = 1, final_norm: bool = True) -> TextEncoder:
         """Wrap an existing (e.g. ``from_pretrained``) ``CLIPTextModel``, sharing its parameters."""
         cfg: Any = clip_model.config
         d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        return cls(TextEncoderConfig.from_transformers(d, clip_skip), clip_model)
+        return cls(TextEncoderConfig.from_transformers(d, clip_skip, final_norm), clip_model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,11 +86,75 @@ class TextEncoder(nn.Module):
         out: torch.Tensor = h + mlp.fc2(x)
         return out
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         emb: Any = self.embeddings
-        seq = ids.shape[1]
-        h = emb.token_embedding(ids) + emb.position_embedding.weight[:seq][None]
+        return emb.token_embedding(ids) + emb.position_embedding.weight[: ids.shape[1]][None]  # type: ignore[no-any-return]
+
+    def _context(self, h: torch.Tensor) -> torch.Tensor:
+        return self.final_layer_norm(h) if self.config.final_norm else h
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self._embed(ids)
         layers: Any = self.encoder.layers
         for layer in layers[: self.num_layers_used]:
             h = self._layer(layer, h)
-        return self.final_layer_norm(h)  # type: ignore[no-any-return]
+        return self._context(h)
+
+    def encode_pooled(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(context (B, L, hidden_size), pooled (B, hidden_size))``: the context as :meth:`forward`
+        and CLIP's ``pooler_output``, the final-normed last hidden state at each sequence's EOS token.
+
+        The EOS position follows transformers 5's ``CLIPTextTransformer``: ``eos_token_id == 2`` (configs
+        written before transformers PR 24773, e.g. SDXL's) takes the highest id (``argmax(ids)``, the
+        EOS in CLIP's vocabulary); any other id takes its first occurrence.
+        """
+        h = self._embed(ids)
+        context = h
+        layers: Any = self.encoder.layers
+        for i, layer in enumerate(layers):
+            h = self._layer(layer, h)
+            if i + 1 == self.num_layers_used:
+                context = h
+        eos = self.config.eos_token_id
+        pos = ids.to(torch.int).argmax(dim=-1) if eos == 2 else (ids == eos).to(torch.int).argmax(dim=-1)
+        last = self.final_layer_norm(h)
+        pooled = last[torch.arange(last.shape[0], device=last.device), pos]
+        return self._context(context), pooled
+
+
+class TextEncoderWithProjection(nn.Module):
+    """``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``, OpenCLIP ViT-bigG/14).
+
+    ``forward(ids (B, L) int64) -> (context (B, L, hidden_size), text_embeds (B, projection_dim))``:
+    the context as :class:`TextEncoder`'s, and ``text_projection`` (no bias) of the pooled EOS state
+    (transformers' ``text_embeds``, SDXL's pooled prompt embedding).
+    """
+
+    def __init__(self, config: TextEncoderConfig, clip_model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        if clip_model is None:
+            from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+            clip_model = CLIPTextModelWithProjection(CLIPTextConfig(**config.to_transformers()))
+        self.text_model = TextEncoder(config, cast(nn.Module, clip_model.text_model))
+        self.text_projection = cast(nn.Linear, clip_model.text_projection)
+
+    @classmethod
+    def wrap(cls, clip_model: nn.Module, clip_skip: int = 1, final_norm: bool = True) -> TextEncoderWithProjection:
+        """Wrap an existing ``CLIPTextModelWithProjection``, sharing its parameters."""
+        cfg: Any = clip_model.config
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        return cls(TextEncoderConfig.from_transformers(d, clip_skip, final_norm), clip_model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_projection.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_projection.weight.device
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context, pooled = self.text_model.encode_pooled(ids)
+        return context, self.text_projection(pooled)

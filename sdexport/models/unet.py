@@ -1,4 +1,4 @@
-"""The SD 1.x / 2.x denoising UNet (diffusers ``UNet2DConditionModel`` with SD block types).
+"""The SD 1.x / 2.x / XL denoising UNet (diffusers ``UNet2DConditionModel`` with SD block types).
 
 Parameter names equal diffusers' state-dict keys, so ``UNet(cfg).load_state_dict(diffusers_unet
 .state_dict(), strict=True)`` works.
@@ -6,39 +6,28 @@ Parameter names equal diffusers' state-dict keys, so ``UNet(cfg).load_state_dict
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import Transformer2D
 from .config import UNetConfig
-from .layers import GroupNorm, timestep_embedding
+from .embeddings import TimestepEmbedding, text_time_features, timestep_embedding
+from .layers import GroupNorm
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
-__all__ = ["DownBlock", "MidBlock", "TimestepEmbedding", "UNet", "UpBlock"]
+__all__ = ["DownBlock", "MidBlock", "UNet", "UpBlock"]
 
 
-class TimestepEmbedding(nn.Module):
-    """``linear_2(silu(linear_1(x)))``."""
-
-    def __init__(self, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, out_dim)
-        self.linear_2 = nn.Linear(out_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))  # type: ignore[no-any-return]
+def _transformer(cfg: UNetConfig, channels: int, heads: int, depth: int) -> Transformer2D:
+    return Transformer2D(channels, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection,
+                         cfg.upcast_attention, depth)
 
 
-def _transformers(cfg: UNetConfig, channels: int, heads: int, num_layers: int) -> nn.ModuleList:
-    """One cross-attention transformer per resnet of a block level."""
-    return nn.ModuleList(
-        Transformer2D(channels, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection,
-                      cfg.upcast_attention)
-        for _ in range(num_layers)
-    )
+def _transformers(cfg: UNetConfig, channels: int, heads: int, depth: int, num_layers: int) -> nn.ModuleList:
+    """One cross-attention transformer (``depth`` blocks deep) per resnet of a block level."""
+    return nn.ModuleList(_transformer(cfg, channels, heads, depth) for _ in range(num_layers))
 
 
 class DownBlock(nn.Module):
@@ -54,6 +43,7 @@ class DownBlock(nn.Module):
         out_channels: int,
         num_layers: int,
         heads: int,
+        depth: int,
         cross_attention: bool,
         downsample: bool,
     ) -> None:
@@ -67,7 +57,7 @@ class DownBlock(nn.Module):
                 for i in range(num_layers)
             ]
         )
-        self.attentions = _transformers(cfg, out_channels, heads, num_layers) if cross_attention else None
+        self.attentions = _transformers(cfg, out_channels, heads, depth, num_layers) if cross_attention else None
         self.downsamplers = (
             nn.ModuleList([Downsample2D(out_channels, cfg.downsample_padding)]) if downsample else None
         )
@@ -103,6 +93,7 @@ class UpBlock(nn.Module):
         out_channels: int,
         num_layers: int,
         heads: int,
+        depth: int,
         cross_attention: bool,
         upsample: bool,
     ) -> None:
@@ -114,7 +105,7 @@ class UpBlock(nn.Module):
             res_in = prev_channels if i == 0 else out_channels
             resnets.append(ResnetBlock2D(res_in + skip_ch, out_channels, cfg.time_embed_dim, g, eps))
         self.resnets = nn.ModuleList(resnets)
-        self.attentions = _transformers(cfg, out_channels, heads, num_layers) if cross_attention else None
+        self.attentions = _transformers(cfg, out_channels, heads, depth, num_layers) if cross_attention else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
 
     def forward(
@@ -136,26 +127,15 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """``UNetMidBlock2DCrossAttn``: resnet, transformer, resnet."""
+    """``UNetMidBlock2DCrossAttn``: resnet, transformer (``depth`` blocks deep), resnet."""
 
-    def __init__(self, cfg: UNetConfig, channels: int, heads: int) -> None:
+    def __init__(self, cfg: UNetConfig, channels: int, heads: int, depth: int) -> None:
         super().__init__()
         g, eps, s = cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(channels, channels, cfg.time_embed_dim, g, eps, s) for _ in range(2)]
         )
-        self.attentions = nn.ModuleList(
-            [
-                Transformer2D(
-                    channels,
-                    heads,
-                    cfg.cross_attention_dim,
-                    g,
-                    cfg.use_linear_projection,
-                    cfg.upcast_attention,
-                )
-            ]
-        )
+        self.attentions = nn.ModuleList([_transformer(cfg, channels, heads, depth)])
 
     def forward(
         self,
@@ -174,9 +154,12 @@ class UNet(nn.Module):
     conditioned on ``context``.
 
     ``forward(sample (B, C, H, W), timestep (0-d or (B,), int or float), context (B, L, D),
-    token_weights (B, L) or None) -> (B, out_channels, H, W)``; ``H`` and ``W`` must be multiples of
-    ``2 ** (levels - 1)`` (8 for SD). ``token_weights`` scales each context token's value rows in every
-    cross-attention (prompt emphasis); ``None`` and all-ones give identical results.
+    token_weights (B, L) or None, *, text_embeds (B, P) or None, time_ids (B, N) or None)
+    -> (B, out_channels, H, W)``; ``H`` and ``W`` must be multiples of ``2 ** (levels - 1)`` (8 for SD).
+    ``token_weights`` scales each context token's value rows in every cross-attention (prompt emphasis);
+    ``None`` and all-ones give identical results. ``text_embeds`` (the pooled prompt embedding) and
+    ``time_ids`` (the size/crop/aesthetic numbers) are required exactly when ``config.text_time``
+    (SDXL: ``P + N * addition_time_embed_dim == projection_class_embeddings_input_dim``).
     """
 
     def __init__(self, config: UNetConfig) -> None:
@@ -187,6 +170,12 @@ class UNet(nn.Module):
         n = len(boc)
         self.conv_in = nn.Conv2d(cfg.in_channels, boc[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(boc[0], cfg.time_embed_dim)
+        # SDXL's added conditioning; diffusers' ``add_time_proj`` (the time ids' sinusoids) has no weights
+        self.add_embedding = (
+            TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+            if cfg.projection_class_embeddings_input_dim is not None
+            else None
+        )
 
         self.down_blocks = nn.ModuleList()
         ch = boc[0]
@@ -198,17 +187,20 @@ class UNet(nn.Module):
                     boc[i],
                     cfg.layers_per_block[i],
                     cfg.num_heads[i],
+                    cfg.transformer_layers_per_block[i],
                     cfg.down_block_types[i] == "CrossAttnDownBlock2D",
                     downsample=i < n - 1,
                 )
             )
             ch = boc[i]
 
-        self.mid_block = MidBlock(cfg, boc[-1], cfg.num_heads[-1])
+        # diffusers: the mid block takes the last level's heads and transformer depth
+        self.mid_block = MidBlock(cfg, boc[-1], cfg.num_heads[-1], cfg.transformer_layers_per_block[-1])
 
         rev_ch = boc[::-1]
         rev_heads = cfg.num_heads[::-1]
         rev_layers = cfg.layers_per_block[::-1]
+        rev_depth = cfg.transformer_layers_per_block[::-1]
         self.up_blocks = nn.ModuleList()
         out_ch = rev_ch[0]
         for i in range(n):
@@ -223,6 +215,7 @@ class UNet(nn.Module):
                     out_ch,
                     rev_layers[i] + 1,
                     rev_heads[i],
+                    rev_depth[i],
                     cfg.up_block_types[i] == "CrossAttnUpBlock2D",
                     upsample=i < n - 1,
                 )
@@ -230,10 +223,6 @@ class UNet(nn.Module):
 
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, boc[0], cfg.norm_eps, silu=True)
         self.conv_out = nn.Conv2d(boc[0], cfg.out_channels, 3, padding=1)
-
-    @classmethod
-    def from_diffusers_config(cls, d: dict[str, Any]) -> UNet:
-        return cls(UNetConfig.from_diffusers(d))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -250,14 +239,45 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         return self.time_embedding(emb.to(self.time_embedding.linear_1.weight.dtype))  # type: ignore[no-any-return]
 
+    def added_embed(self, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """SDXL's "text_time" embedding ``(B, 4 * C0)``, added to the time embedding."""
+        cfg = self.config
+        if self.add_embedding is None or cfg.addition_time_embed_dim is None:
+            raise ValueError("UNet: text_embeds / time_ids given, but the config has no "
+                             "addition_embed_type='text_time' (SD 1.x/2.x take neither)")
+        if text_embeds.ndim != 2 or time_ids.ndim != 2:
+            raise ValueError(f"UNet: text_embeds must be (B, P) and time_ids (B, N), got "
+                             f"{tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
+        width = text_embeds.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"UNet: text_embeds width {text_embeds.shape[1]} + {time_ids.shape[1]} time ids x "
+                f"{cfg.addition_time_embed_dim} = {width}, but projection_class_embeddings_input_dim is "
+                f"{cfg.projection_class_embeddings_input_dim}"
+            )
+        feats = text_time_features(text_embeds, time_ids, cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                   cfg.freq_shift)
+        return self.add_embedding(feats.to(self.add_embedding.linear_1.weight.dtype))  # type: ignore[no-any-return]
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         context: torch.Tensor,
         token_weights: torch.Tensor | None = None,
+        *,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         temb = self.time_embed(timestep, sample.shape[0])
+        if self.config.text_time:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("UNet: this config (addition_embed_type='text_time', SDXL) needs both "
+                                 "text_embeds (the pooled prompt embedding) and time_ids")
+            temb = temb + self.added_embed(text_embeds, time_ids)
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("UNet: text_embeds / time_ids given, but the config has no "
+                             "addition_embed_type='text_time' (SD 1.x/2.x take neither)")
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         x = self.conv_in(sample)

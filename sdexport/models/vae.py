@@ -1,4 +1,4 @@
-"""The SD variational autoencoder (diffusers ``AutoencoderKL``), with state-dict-compatible names.
+"""The SD / SDXL variational autoencoder (diffusers ``AutoencoderKL``), with state-dict-compatible names.
 
 Latent conventions: :meth:`VAE.encode_mean` / :meth:`VAE.encode` return *raw* latents (not multiplied
 by ``scaling_factor``); :meth:`VAE.decode` takes raw latents, i.e. the diffusion latents divided by
@@ -6,8 +6,6 @@ by ``scaling_factor``); :meth:`VAE.decode` takes raw latents, i.e. the diffusion
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -149,10 +147,6 @@ class VAE(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * lc, 2 * lc, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lc, lc, 1) if config.use_post_quant_conv else None
-
-    @classmethod
-    def from_diffusers_config(cls, d: dict[str, Any]) -> VAE:
-        return cls(VAEConfig.from_diffusers(d))
 
     @property
     def scaling_factor(self) -> float:
