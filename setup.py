@@ -8,10 +8,9 @@ import glob
 import os
 import platform
 
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
 import torch
+from setuptools import Extension, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,7 +23,7 @@ def _want_cuda() -> bool:
     return os.environ.get("SDEXPORT_FORCE_CUDA") == "1" or torch.cuda.is_available()
 
 
-def _cpu_simd_flags() -> list:
+def _cpu_simd_flags() -> list[str]:
     """AVX2/FMA build of the CPU kernels (at::vec::Vectorized<float> = 8 lanes) on x86-64.
 
     SDEXPORT_CPU_BASELINE=1 builds the portable baseline instead (for pre-AVX2 machines)."""
@@ -35,11 +34,11 @@ def _cpu_simd_flags() -> list:
     return []
 
 
-def extensions() -> list:
+def extensions() -> list[Extension]:
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # no -std flag: torch adds the standard its headers need (C++17 up to 2.13, C++20 from 2.14)
     cxx = ["-O3", "-fvisibility=hidden", *_cpu_simd_flags()]
-    link: list = []
+    link: list[str] = []
     if platform.system() == "Linux":
         # at::parallel_for is inline OpenMP: without -fopenmp it silently runs on one thread. The
         # soname libgomp.so.1 resolves to the copy torch has already loaded, so there is one runtime.
@@ -49,7 +48,7 @@ def extensions() -> list:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         return [
-            CUDAExtension(
+            CUDAExtension(  # type: ignore[no-untyped-call]
                 "runtime._C",
                 sources,
                 extra_compile_args={"cxx": [*cxx, "-DSDFUSED_WITH_CUDA"], "nvcc": nvcc},
@@ -57,12 +56,15 @@ def extensions() -> list:
                 py_limited_api=True,
             )
         ]
-    return [CppExtension("runtime._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
-                         py_limited_api=True)]
+    return [
+        CppExtension(  # type: ignore[no-untyped-call]
+            "runtime._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True
+        )
+    ]
 
 
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},  # type: ignore[no-untyped-call]
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

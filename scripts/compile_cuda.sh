@@ -20,9 +20,12 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import torch, ninja; assert torch.version.cuda" 2>/dev/null; then
   echo "[compile_cuda] creating $VENV with $TORCH_SPEC (a few minutes, ~5.5 GB)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "$TORCH_SPEC" numpy ninja setuptools wheel
+  "$VENV/bin/pip" install -q "$TORCH_SPEC" numpy ninja "setuptools>=77" wheel
 fi
 PY="$VENV/bin/python"
+# pyproject.toml's SPDX license string needs setuptools >= 77 (a venv starts with an older one)
+"$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' \
+  || "$VENV/bin/pip" install -q "setuptools>=77"
 export PATH="$VENV/bin:$CUDA_HOME/bin:$PATH"
 
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

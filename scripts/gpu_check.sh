@@ -1,24 +1,58 @@
 #!/usr/bin/env bash
-# GPU check of the fused-op library, run at the repo root on a machine with one CUDA GPU and
-# torch preinstalled (nothing is downloaded).  Steps:
-#   1. build runtime/_C in place with the CUDA kernels (ninja if importable)
-#   2. [phase ops] quick numerics check (scripts/bench_ops.py --verify; needs no pytest), the CUDA tests
-#      (pytest if importable), micro-benchmarks at SD 1.5 shapes, fp16 (JSON in $OUT if set)
-#   3. [phase bench] sdexport bench sd15 and sd21-768; [phase aoti] SD 1.5 aoti build, bench, cold start,
-#      profile; [phase formats] build time and cold start per format (GPU_CHECK_PHASES, see below)
-# Exits non-zero if the build, the numerics check or the tests fail.  Budget: well under 5 min.
+# GPU checks, run at the repo root on a machine with one CUDA GPU and torch preinstalled (nothing is
+# downloaded there).  Run in phases, each sized for one call of at most ~9 minutes:
+#
+#   bash scripts/gpu_check.sh build        # build runtime/_C with the CUDA kernels (incremental)
+#   bash scripts/gpu_check.sh ops          # numerics check + the CUDA tests (test_ops, test_cudagraph, test_export)
+#   bash scripts/gpu_check.sh sanitizer    # compute-sanitizer memcheck + racecheck, one tiny call per kernel path
+#   bash scripts/gpu_check.sh microbench   # op micro-benchmarks (fp16, bf16) vs composites and SDPA's best backend
+#   bash scripts/gpu_check.sh bench        # sdexport bench sd15 / sd21-768 (fp16, random weights)
+#   bash scripts/gpu_check.sh aoti         # SD 1.5 --half AOTInductor build, cold start, bench, profile
+#   bash scripts/gpu_check.sh formats      # build time and cold start per format (medium preset)
+#
+# Several phases may be named in one call (GPU_CHECK_PHASES="..." works too); every phase first
+# builds if the library is missing or lacks its CUDA kernels.  Each step runs under `timeout`;
+# all output is unbuffered and also appended to $OUT/gpu_check.log (results: $OUT/*.json).
+# Exit status is non-zero if any step failed or timed out.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
+RES="${OUT:-${TMPDIR:-/tmp}/gpu_check}"
+mkdir -p "$RES"
+exec > >(tee -a "$RES/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}"
 rc=0
-LOG="${OUT:-${TMPDIR:-/tmp}}/build_gpu_check.log"
-mkdir -p "$(dirname "$LOG")"
 t0=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
+# run SECONDS CMD...: the command under a timeout; a failure or timeout sets rc=1
+run() {
+  local limit=$1; shift
+  timeout --kill-after=15 "$limit" "$@"
+  local s=$?
+  if (( s == 124 || s == 137 )); then echo "TIMEOUT after ${limit}s: $*"; rc=1
+  elif (( s != 0 )); then echo "FAILED (exit $s): $*"; rc=1; fi
+  return $s
+}
+
+PHASES="${*:-${GPU_CHECK_PHASES:-build ops}}"
+echo "gpu_check phases: $PHASES (log: $RES/gpu_check.log)"
+
+# ---- toolchain: nvcc and the CUDA headers the torch wheel ships (compile_cuda.sh needed them) ----
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  for d in "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x/x)")")" /usr/local/cuda \
+           /usr/local/cuda-* "$SITE"/nvidia/cu*; do
+    [[ -x "$d/bin/nvcc" ]] && { export CUDA_HOME="$d"; break; }
+  done
+fi
+export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
+# cu13 wheels put every header under nvidia/cu13/include; cu12 wheels one include dir per library
+INC="$(ls -d "$SITE"/nvidia/cu*/include "$SITE"/nvidia/*/include 2>/dev/null | sort -u | paste -sd: -)"
 
 step "environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+"$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+echo "CUDA_HOME=${CUDA_HOME:-<none>} nvcc=$(command -v nvcc || echo none) include dirs: ${INC:-<none>}"
 if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
   TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "8.0;9.0")"
   export TORCH_CUDA_ARCH_LIST
@@ -26,79 +60,99 @@ fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 "$PY" -c "import ninja" 2>/dev/null || echo "ninja not importable: setuptools builds without it (slower)"
 
-step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-if ! SDEXPORT_FORCE_CUDA=1 "$PY" setup.py -q build_ext --inplace > "$LOG" 2>&1; then
-  tail -n 60 "$LOG"
-  echo "BUILD FAILED"
-  exit 1
-fi
-"$PY" -c "
+has_cuda_ops() {
+  "$PY" -c "
 import torch, runtime.ops as o
 o.load()
 assert torch._C._dispatch_has_kernel_for_dispatch_key('sdfused::attention', 'CUDA'), 'built without CUDA kernels'
-print('op library loaded with CUDA kernels')" || exit 1
+" 2>/dev/null
+}
 
-PHASES="${GPU_CHECK_PHASES:-ops bench}"
-if [[ " $PHASES " == *" ops "* ]]; then
-  step "numerics check"
-  "$PY" scripts/bench_ops.py --verify --device cuda || rc=1
+build() {
+  if [[ "${1:-}" != force ]] && has_cuda_ops; then echo "op library with CUDA kernels already built"; return 0; fi
+  step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+  command -v nvcc >/dev/null || { echo "no nvcc on this machine: the CUDA kernels cannot be built"; rc=1; return 1; }
+  SDEXPORT_FORCE_CUDA=1 run 480 "$PY" setup.py -q build_ext --inplace ${INC:+--include-dirs "$INC"} \
+    > "$RES/build.log" 2>&1 || { tail -n 60 "$RES/build.log"; echo "BUILD FAILED"; return 1; }
+  has_cuda_ops && echo "op library loaded with CUDA kernels" || { echo "BUILD FAILED: no CUDA kernels"; rc=1; return 1; }
+}
 
+want() { [[ " $PHASES " == *" $1 "* ]]; }
+
+if want build; then build force || { step "done (rc=$rc)"; exit 1; }
+else build || { step "done (rc=$rc)"; exit 1; }; fi
+
+if want ops; then
+  step "numerics check (fp16, bf16, fp32 vs torch composites)"
+  run 180 "$PY" scripts/bench_ops.py --verify --device cuda
   step "CUDA tests"
   if "$PY" -c "import pytest" 2>/dev/null; then
-    "$PY" -m pytest tests/test_ops.py tests/test_cudagraph.py tests/test_export.py -q -m cuda -p no:cacheprovider \
-      || rc=1
+    run 420 "$PY" -m pytest tests/test_ops.py tests/test_cudagraph.py tests/test_export.py -q -m cuda \
+      -p no:cacheprovider -x --junitxml="$RES/pytest_cuda.xml"
   else
     echo "pytest not importable: relying on the numerics check above"
   fi
-
-  step "micro-benchmarks (fp16)"
-  "$PY" scripts/bench_ops.py --device cuda --dtype fp16 --iters 30 || rc=1
 fi
 
-# ============================================================================================
-# Pipeline benchmarks (sdexport bench), random weights at the published sizes, fp16.
-# GPU_CHECK_PHASES picks what runs after the build (default "ops bench": the op checks above and the
-# pipeline benchmarks); "aoti" adds an SD 1.5 AOTInductor build
-# (--half, 512 px), benchmarks it and times its cold start: run it as a second call, it needs most of a
-# 10-minute slot. "formats" times build and cold start of every format on the medium preset.
-# diffusers rows need the diffusers wheel carried in .whl/ (scripts/fetch_gpu_wheels.sh, carry=[".whl"]).
-# ============================================================================================
-RES="${OUT:-${TMPDIR:-/tmp}}"
-if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+if want sanitizer; then
+  SAN="$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null || true)"
+  if [[ -z "$SAN" ]]; then
+    echo "compute-sanitizer not found: sanitizer phase skipped"
+  else
+    # torch's own allocator pools memory: memcheck sees the pool, so also turn caching off
+    for tool in memcheck racecheck; do
+      step "compute-sanitizer --tool $tool (one tiny call per kernel path)"
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 run 240 "$SAN" --tool "$tool" --error-exitcode 1 \
+        "$PY" scripts/bench_ops.py --smoke --device cuda
+    done
+  fi
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-if [[ " $PHASES " == *" bench "* ]]; then
+
+if want microbench; then
+  for dt in fp16 bf16; do
+    step "micro-benchmarks ($dt): device time of back-to-back calls in a CUDA graph"
+    run 240 "$PY" scripts/bench_ops.py --device cuda --dtype "$dt" --json "$RES/bench_ops_cuda_$dt.json"
+  done
+fi
+
+# Pipeline benchmarks (sdexport bench), random weights at the published sizes, fp16.  diffusers rows
+# need the diffusers wheel carried in .whl/ (scripts/fetch_gpu_wheels.sh, carry=[".whl"]).
+if want bench || want aoti || want formats; then
+  if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  fi
+fi
+if want bench; then
   step "bench sd15: fp16, 512 px, CFG batch 2, 30 steps"
-  "$PY" -m sdexport.cli bench sd15 --device cuda --half --steps 30 --repeat 10 --json "$RES/bench_sd15.json" || rc=1
+  run 300 "$PY" -m sdexport.cli bench sd15 --device cuda --half --steps 30 --repeat 10 --json "$RES/bench_sd15.json"
   step "bench sd21-768: fp16, 768 px"
-  "$PY" -m sdexport.cli bench sd21-768 --device cuda --half --steps 30 --repeat 5 --backends sdpa,fused \
-    --no-diffusers --json "$RES/bench_sd21_768.json" || rc=1
+  run 200 "$PY" -m sdexport.cli bench sd21-768 --device cuda --half --steps 30 --repeat 5 --backends sdpa,fused \
+    --no-diffusers --json "$RES/bench_sd21_768.json"
 fi
-if [[ " $PHASES " == *" aoti "* ]]; then
+if want aoti; then
   step "build sd15 aoti --half (512 px, batch 1)"
   bt0=$(date +%s)
-  "$PY" -m sdexport.cli build sd15 -o /tmp/sd15-aoti --format aoti --half --device cuda --max-batch 1 \
-    --min-size 512 --max-size 512 --max-chunks 1 --force || rc=1
+  run 330 "$PY" -m sdexport.cli build sd15 -o /tmp/sd15-aoti --format aoti --half --device cuda --max-batch 1 \
+    --min-size 512 --max-size 512 --max-chunks 1 --force
   echo "build seconds: $(( $(date +%s) - bt0 ))"
   step "cold start of the aoti artifact (fresh process: import + load + first 30-step image)"
-  "$PY" scripts/bench_formats.py --existing /tmp/sd15-aoti --device cuda --size 512 --steps 30 \
-    --json "$RES/cold_sd15_aoti.json" || rc=1
+  run 90 "$PY" scripts/bench_formats.py --existing /tmp/sd15-aoti --device cuda --size 512 --steps 30 \
+    --json "$RES/cold_sd15_aoti.json"
   step "bench sd15 with the aoti artifact"
-  "$PY" -m sdexport.cli bench sd15 --device cuda --half --steps 30 --repeat 10 --backends sdpa,fused \
-    --no-diffusers --artifact /tmp/sd15-aoti --json "$RES/bench_sd15_aoti.json" || rc=1
+  run 120 "$PY" -m sdexport.cli bench sd15 --device cuda --half --steps 30 --repeat 10 --backends sdpa,fused \
+    --no-diffusers --artifact /tmp/sd15-aoti --json "$RES/bench_sd15_aoti.json"
   step "profile of the compiled UNet step"
-  "$PY" scripts/profile_unet.py sd15 --device cuda --half --size 512 --artifact /tmp/sd15-aoti --rows 25 || rc=1
+  run 60 "$PY" scripts/profile_unet.py sd15 --device cuda --half --size 512 --artifact /tmp/sd15-aoti --rows 25
 fi
-if [[ " $PHASES " == *" formats "* ]]; then
-  # Build time and cold start of every format on the medium preset (a few minutes); onnx only where
-  # onnxruntime has the CUDA provider.
+if want formats; then
+  # onnx only where onnxruntime has the CUDA provider
   fmts="pt2,torchscript,aoti"
   "$PY" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
     2>/dev/null && fmts="$fmts,onnx"
   step "build time and cold start per format: medium, fp16, 256 px ($fmts)"
-  "$PY" scripts/bench_formats.py medium --device cuda --half --kernels fused --size 256 --steps 20 \
-    --formats "$fmts" --json "$RES/formats_medium.json" || rc=1
+  run 480 "$PY" scripts/bench_formats.py medium --device cuda --half --kernels fused --size 256 --steps 20 \
+    --formats "$fmts" --json "$RES/formats_medium.json"
 fi
 
 step "done (rc=$rc)"
