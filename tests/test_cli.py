@@ -66,6 +66,17 @@ def test_generate_from_artifact_writes_png_with_metadata(artifact: Path, tmp_pat
     assert info.startswith(expected)
 
 
+def test_generate_names_each_file_by_its_seed(sd1_folder: Path, tmp_path: Path) -> None:
+    """Without --seed the CLI draws the first seed; a batch takes consecutive ones, each file named by its own."""
+    result = CliRunner().invoke(main, ["generate", str(sd1_folder), "-p", "x", "--steps", "1", "-W", "64", "-H", "64",
+                                       "-b", "2", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    seeds = sorted(int(p.stem) for p in tmp_path.glob("*.png"))
+    assert len(seeds) == 2 and seeds[1] == seeds[0] + 1
+    for seed in seeds:
+        assert f"Seed: {seed}," in Image.open(tmp_path / f"{seed}.png").info["parameters"]
+
+
 def test_generate_img2img_and_inpaint_from_checkpoint(sd1_folder: Path, tmp_path: Path) -> None:
     init = tmp_path / "init.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
