@@ -39,10 +39,13 @@ echo "gpu_check phases: $PHASES (log: $RES/gpu_check.log)"
 
 # ---- toolchain: nvcc and the CUDA headers the torch wheel ships (compile_cuda.sh needed them) ----
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+# A toolkit root has bin/nvcc and a lib64 (or lib) with libcudart to link against; a bare nvcc on
+# PATH (e.g. /usr/local/bin/nvcc) does not make /usr/local a toolkit root.
+toolkit() { [[ -x "$1/bin/nvcc" ]] && ls "$1"/lib*/libcudart.so* >/dev/null 2>&1; }
 if [[ -z "${CUDA_HOME:-}" ]]; then
-  for d in "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x/x)")")" /usr/local/cuda \
-           /usr/local/cuda-* "$SITE"/nvidia/cu*; do
-    [[ -x "$d/bin/nvcc" ]] && { export CUDA_HOME="$d"; break; }
+  nvcc_root="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /x/x/x)")")")"
+  for d in /usr/local/cuda /usr/local/cuda-* "$nvcc_root" "$SITE"/nvidia/cu*; do
+    toolkit "$d" && { export CUDA_HOME="$d"; break; }
   done
 fi
 export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
@@ -60,10 +63,11 @@ fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 "$PY" -c "import ninja" 2>/dev/null || echo "ninja not importable: setuptools builds without it (slower)"
 
+# The shared object alone (importing the runtime package would also need its dependencies).
 has_cuda_ops() {
   "$PY" -c "
-import torch, runtime.ops as o
-o.load()
+import glob, torch
+torch.ops.load_library(glob.glob('runtime/_C*.so')[0])
 assert torch._C._dispatch_has_kernel_for_dispatch_key('sdfused::attention', 'CUDA'), 'built without CUDA kernels'
 " 2>/dev/null
 }
