@@ -43,7 +43,6 @@ from sdexport.models import (
     VAEMoments,
     set_attention_chunks,
     set_backend,
-    strip_text_model_prefix,
 )
 from sdexport.models.layers import GEGLU
 
@@ -642,14 +641,6 @@ def test_sdxl_conditioning_end_to_end() -> None:
         ref = diffusers_forward(diffusers_unet("sdxl"), {**inp, "context": ref_ctx, "text_embeds": out2.text_embeds})
         out = our_unet("sdxl")(**{**inp, "context": ctx, "text_embeds": pooled})
     assert (ref - out).abs().max() <= TOL
-
-
-def test_strip_text_model_prefix() -> None:
-    sd = {
-        "text_model.final_layer_norm.weight": torch.ones(2),
-        "text_model.embeddings.position_ids": torch.ones(2),
-    }
-    assert list(strip_text_model_prefix(sd)) == ["final_layer_norm.weight"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from .config import UNET_UNSUPPORTED, TextEncoderConfig, UNetConfig, VAEConfig
 from .layers import GEGLU, AttentionOp, GroupNorm, Kernels, set_attention_chunks, set_backend
-from .text_encoder import TextEncoder, TextEncoderWithProjection, strip_text_model_prefix
+from .text_encoder import TextEncoder, TextEncoderWithProjection
 from .unet import UNet
 from .vae import VAE, VAEDecode, VAEMoments
 
@@ -23,5 +23,4 @@ __all__ = [
     "VAEMoments",
     "set_attention_chunks",
     "set_backend",
-    "strip_text_model_prefix",
 ]

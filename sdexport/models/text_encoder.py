@@ -10,7 +10,6 @@ strictly. The forward pass is written out explicitly (causal SDPA, no masks, no 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
@@ -19,19 +18,7 @@ from torch import nn
 
 from .config import TextEncoderConfig
 
-__all__ = ["TextEncoder", "TextEncoderWithProjection", "strip_text_model_prefix"]
-
-
-def strip_text_model_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map checkpoint keys ``text_model.X`` (transformers 4 / on-disk layout) to ``X``; drop the
-    ``position_ids`` buffer that some checkpoints store."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state_dict.items():
-        key = k.removeprefix("text_model.")
-        if key.endswith("embeddings.position_ids"):
-            continue
-        out[key] = v
-    return out
+__all__ = ["TextEncoder", "TextEncoderWithProjection"]
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
