@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
-from .architecture import Shapes, text_shapes, unet_shapes, vae_shapes
-from .errors import CheckpointError, format_shape, raise_problems
+from .architecture import text_shapes, unet_shapes, vae_shapes
+from .errors import CheckpointError
+from .keymap import Source, convert
 
 __all__ = [
     "SD1_TEXT_PREFIX",
@@ -26,10 +26,14 @@ __all__ = [
     "VAE_PREFIX",
     "Source",
     "convert",
+    "convert_text",
     "detect_family",
+    "infer_clip_config",
+    "infer_open_clip_config",
     "infer_text_config",
     "infer_unet_config",
     "infer_vae_config",
+    "open_clip_key_map",
     "text_key_map",
     "unet_key_map",
     "vae_key_map",
@@ -39,14 +43,6 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where one diffusers key comes from: an LDM key, optionally one third of a fused q/k/v tensor."""
-
-    key: str
-    chunk: int | None = None  # 0/1/2: q/k/v rows of an OpenCLIP ``in_proj`` tensor
 
 
 # Sub-module renames inside one mapped module: diffusers name -> LDM name.
@@ -78,6 +74,8 @@ def _unet_modules(config: Mapping[str, Any]) -> ModuleMap:
         "conv_in.": ("input_blocks.0.0.", _SAME),
         "time_embedding.linear_1.": ("time_embed.0.", _SAME),
         "time_embedding.linear_2.": ("time_embed.2.", _SAME),
+        "add_embedding.linear_1.": ("label_emb.0.0.", _SAME),  # SDXL "text_time" (SGM's label_emb)
+        "add_embedding.linear_2.": ("label_emb.0.2.", _SAME),
         "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET),
         "mid_block.attentions.0.": ("middle_block.1.", _SAME),
         "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
@@ -172,38 +170,43 @@ _OPENCLIP_LAYER = {
 }
 
 
-def text_key_map(config: Mapping[str, Any], family: str, *, legacy_sd1: bool = False) -> dict[str, Source]:
-    """``{text-encoder key: LDM key}`` (keys without transformers 4's ``text_model.`` level).
-
-    SD1 stores a Hugging Face CLIP text model under ``cond_stage_model.transformer.text_model.``
-    (``legacy_sd1``: very old files without the ``text_model.`` level). SD2 stores OpenCLIP under
-    ``cond_stage_model.model.``: renamed modules, ``positional_embedding`` as a bare tensor, and q/k/v fused
-    in ``attn.in_proj_weight``/``in_proj_bias`` (rows q, k, v). Only the first ``num_hidden_layers`` of
-    OpenCLIP's resblocks are used (SD2 conditions on the penultimate layer, then the final layer norm).
-    """
+def open_clip_key_map(config: Mapping[str, Any], prefix: str) -> dict[str, Source]:
+    """``{CLIPTextModel key: OpenCLIP key under prefix}``: renamed modules, ``positional_embedding`` as a
+    bare tensor, q/k/v fused in ``attn.in_proj_weight``/``in_proj_bias`` (rows q, k, v)."""
     out: dict[str, Source] = {}
     for key in text_shapes(config):
-        if family == "sd1":
-            out[key] = Source(SD1_TEXT_PREFIX + ("" if legacy_sd1 else "text_model.") + key)
-            continue
         if key == "embeddings.token_embedding.weight":
-            out[key] = Source(SD2_TEXT_PREFIX + "token_embedding.weight")
+            out[key] = Source(prefix + "token_embedding.weight")
         elif key == "embeddings.position_embedding.weight":
-            out[key] = Source(SD2_TEXT_PREFIX + "positional_embedding")
+            out[key] = Source(prefix + "positional_embedding")
         elif key.startswith("final_layer_norm."):
-            out[key] = Source(SD2_TEXT_PREFIX + "ln_final." + key.split(".")[-1])
+            out[key] = Source(prefix + "ln_final." + key.split(".")[-1])
         else:
             match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
             if match is None:
                 raise AssertionError(f"no OpenCLIP mapping rule for {key}")
             layer, module, leaf = match.groups()
-            block = f"{SD2_TEXT_PREFIX}transformer.resblocks.{layer}."
+            block = f"{prefix}transformer.resblocks.{layer}."
             qkv = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
             if module in qkv:
                 out[key] = Source(f"{block}attn.in_proj_{leaf}", qkv[module])
             else:
                 out[key] = Source(f"{block}{_OPENCLIP_LAYER[module]}.{leaf}")
     return out
+
+
+def text_key_map(config: Mapping[str, Any], family: str, *, legacy_sd1: bool = False) -> dict[str, Source]:
+    """``{text-encoder key: LDM key}`` (keys without transformers 4's ``text_model.`` level).
+
+    SD1 stores a Hugging Face CLIP text model under ``cond_stage_model.transformer.text_model.``
+    (``legacy_sd1``: very old files without the ``text_model.`` level). SD2 stores OpenCLIP under
+    ``cond_stage_model.model.`` (:func:`open_clip_key_map`). Only the first ``num_hidden_layers`` of
+    OpenCLIP's resblocks are used (SD2 conditions on the penultimate layer, then the final layer norm).
+    """
+    if family != "sd1":
+        return open_clip_key_map(config, SD2_TEXT_PREFIX)
+    root = SD1_TEXT_PREFIX + ("" if legacy_sd1 else "text_model.")
+    return {key: Source(root + key) for key in text_shapes(config)}
 
 
 def _ignorable_text_keys(state: Mapping[str, Tensor], family: str, layers: int) -> set[str]:
@@ -217,55 +220,6 @@ def _ignorable_text_keys(state: Mapping[str, Tensor], family: str, layers: int) 
         if match is not None and int(match.group(1)) >= layers:
             ignored.add(k)  # the layers after the one SD2 conditions on
     return ignored & set(state)
-
-
-def convert(
-    state: Mapping[str, Tensor],
-    key_map: Mapping[str, Source],
-    expected: Shapes,
-    prefix: str,
-    what: str,
-    *,
-    ignore: set[str] | frozenset[str] = frozenset(),
-) -> dict[str, Tensor]:
-    """Pick, split and reshape the source tensors named by ``key_map``; every problem in one error.
-
-    All source keys under ``prefix`` must be consumed (or listed in ``ignore``). A ``(C, C, 1, 1)`` 1x1
-    convolution kernel becomes the ``(C, C)`` linear weight where the target is linear (the LDM VAE
-    attention's q/k/v/proj_out; SD1 UNet proj_in/out stay convolutions in both layouts).
-    """
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    missing: list[str] = []
-    mismatched: set[str] = set()
-    for key, src in key_map.items():
-        if src.key not in state:
-            missing.append(f"{src.key} (for {key})")
-            continue
-        used.add(src.key)
-        stored = state[src.key]
-        tensor = stored
-        if src.chunk is not None:
-            if stored.ndim == 0 or stored.shape[0] % 3:
-                mismatched.add(
-                    f"{src.key}: checkpoint {format_shape(stored.shape)} is not a fused q/k/v tensor"
-                )
-                continue
-            tensor = stored.chunk(3, dim=0)[src.chunk]
-        want = expected[key]
-        if len(want) == 2 and tensor.ndim == 4 and tuple(tensor.shape[2:]) == (1, 1):
-            tensor = tensor[:, :, 0, 0]
-        if tuple(tensor.shape) != want:
-            part = "" if src.chunk is None else f" ({'qkv'[src.chunk]} rows)"
-            mismatched.add(
-                f"{src.key}{part} -> {key}: checkpoint {format_shape(stored.shape)}, "
-                f"expected {format_shape(want)}"
-            )
-            continue
-        out[key] = tensor
-    unexpected = sorted(k for k in state if k.startswith(prefix) and k not in used and k not in ignore)
-    raise_problems(what, sorted(missing), unexpected, sorted(mismatched))
-    return out
 
 
 def convert_text(
@@ -292,7 +246,10 @@ def detect_family(state: Mapping[str, Tensor], name: str) -> str:
             f"({len(state)} tensors read)"
         )
     if UNET_PREFIX + "label_emb.0.0.weight" in state:
-        raise CheckpointError(f"{name}: SDXL / class-conditioned UNets (label_emb) are not supported")
+        raise CheckpointError(
+            f"{name}: a UNet with added embeddings (label_emb) but no SGM text encoders "
+            "('conditioner.embedders.*'): class-conditioned / upscaler UNets are not supported"
+        )
     if any(k.startswith(SD2_TEXT_PREFIX) for k in state):
         return "sd2"
     if any(k.startswith(SD1_TEXT_PREFIX) for k in state):
@@ -343,7 +300,15 @@ def infer_unet_config(state: Mapping[str, Tensor], name: str) -> dict[str, Any]:
         up_types.append("CrossAttnUpBlock2D" if has_attn else "UpBlock2D")
     proj_in = _need(state, UNET_PREFIX + "middle_block.1.proj_in.weight", name)
     to_k = _need(state, UNET_PREFIX + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", name)
-    depth = len(_indices(state, p + r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    # Transformer depth per level (SDXL: 1, 2, 10); diffusers' mid block takes the last level's.
+    mid = len(_indices(state, p + r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    depths: list[int | None] = [
+        len(_indices(state, p + rf"input_blocks\.{1 + b * (lpb + 1)}\.1\.transformer_blocks\.(\d+)\."))
+        if down_types[b] == "CrossAttnDownBlock2D"
+        else None
+        for b in range(levels)
+    ]
+    depths[-1] = depths[-1] or mid
     config: dict[str, Any] = {
         "in_channels": int(conv_in.shape[1]),
         "out_channels": int(conv_out.shape[0]),
@@ -354,8 +319,8 @@ def infer_unet_config(state: Mapping[str, Tensor], name: str) -> dict[str, Any]:
         "cross_attention_dim": int(to_k.shape[1]),
         "use_linear_projection": proj_in.ndim == 2,
     }
-    if depth != 1:
-        config["transformer_layers_per_block"] = depth
+    distinct = {d for d in depths if d is not None}
+    config["transformer_layers_per_block"] = distinct.pop() if len(distinct) == 1 else [d or 1 for d in depths]
     return config
 
 
@@ -381,29 +346,30 @@ def infer_vae_config(state: Mapping[str, Tensor], name: str) -> dict[str, Any]:
     }
 
 
-def infer_text_config(state: Mapping[str, Tensor], family: str, name: str) -> dict[str, Any]:
-    """The text encoder's shape-determined ``CLIPTextConfig`` fields from LDM key shapes.
+def infer_clip_config(state: Mapping[str, Tensor], root: str, name: str) -> dict[str, Any]:
+    """Shape-determined ``CLIPTextConfig`` fields of a Hugging Face CLIP text model under ``root``."""
+    token = _need(state, root + "embeddings.token_embedding.weight", name)
+    pos = _need(state, root + "embeddings.position_embedding.weight", name)
+    fc1 = _need(state, root + "encoder.layers.0.mlp.fc1.weight", name)
+    layers = len(_indices(state, re.escape(root) + r"encoder\.layers\.(\d+)\."))
+    return _text_fields(token, pos, fc1, layers)
 
-    For SD2 the layer count is one less than OpenCLIP's resblocks (the penultimate-layer convention).
-    """
-    if family == "sd1":
-        root = SD1_TEXT_PREFIX + "text_model."
-        if root + "embeddings.token_embedding.weight" not in state:
-            root = SD1_TEXT_PREFIX
-        token = _need(state, root + "embeddings.token_embedding.weight", name)
-        pos = _need(state, root + "embeddings.position_embedding.weight", name)
-        fc1 = _need(state, root + "encoder.layers.0.mlp.fc1.weight", name)
-        layers = len(_indices(state, re.escape(root) + r"encoder\.layers\.(\d+)\."))
-    else:
-        token = _need(state, SD2_TEXT_PREFIX + "token_embedding.weight", name)
-        pos = _need(state, SD2_TEXT_PREFIX + "positional_embedding", name)
-        fc1 = _need(state, SD2_TEXT_PREFIX + "transformer.resblocks.0.mlp.c_fc.weight", name)
-        blocks = len(_indices(state, re.escape(SD2_TEXT_PREFIX) + r"transformer\.resblocks\.(\d+)\."))
-        layers = blocks - 1
-        if layers < 1:
-            raise CheckpointError(
-                f"{name}: OpenCLIP text encoder with {blocks} resblocks; SD2 needs at least 2"
-            )
+
+def infer_open_clip_config(state: Mapping[str, Tensor], prefix: str, name: str, *, skip: int) -> dict[str, Any]:
+    """Shape-determined ``CLIPTextConfig`` fields of an OpenCLIP text tower under ``prefix``; the last
+    ``skip`` resblocks are left out (SD2: 1, the penultimate-layer convention; SDXL: 0)."""
+    token = _need(state, prefix + "token_embedding.weight", name)
+    pos = _need(state, prefix + "positional_embedding", name)
+    fc1 = _need(state, prefix + "transformer.resblocks.0.mlp.c_fc.weight", name)
+    blocks = len(_indices(state, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."))
+    if blocks - skip < 1:
+        raise CheckpointError(
+            f"{name}: OpenCLIP text encoder with {blocks} resblocks; at least {skip + 1} are needed"
+        )
+    return _text_fields(token, pos, fc1, blocks - skip)
+
+
+def _text_fields(token: Tensor, pos: Tensor, fc1: Tensor, layers: int) -> dict[str, Any]:
     return {
         "vocab_size": int(token.shape[0]),
         "hidden_size": int(token.shape[1]),
@@ -411,3 +377,16 @@ def infer_text_config(state: Mapping[str, Tensor], family: str, name: str) -> di
         "intermediate_size": int(fc1.shape[0]),
         "num_hidden_layers": layers,
     }
+
+
+def infer_text_config(state: Mapping[str, Tensor], family: str, name: str) -> dict[str, Any]:
+    """The text encoder's shape-determined ``CLIPTextConfig`` fields from LDM key shapes.
+
+    For SD2 the layer count is one less than OpenCLIP's resblocks (the penultimate-layer convention).
+    """
+    if family != "sd1":
+        return infer_open_clip_config(state, SD2_TEXT_PREFIX, name, skip=1)
+    root = SD1_TEXT_PREFIX + "text_model."
+    if root + "embeddings.token_embedding.weight" not in state:
+        root = SD1_TEXT_PREFIX
+    return infer_clip_config(state, root, name)
