@@ -11,19 +11,36 @@ writer itself is cross-checked against diffusers' ``from_single_file`` in tests/
 with q/k/v fused into ``attn.in_proj_*``, plus one extra random resblock, ``text_projection`` and
 ``logit_scale`` like the real files (SD2 conditions on the penultimate layer). The suffix picks the format:
 ``.safetensors``, or ``.ckpt``/``.pt`` (a ``{"state_dict": ..., "global_step": 0}`` torch pickle).
+
+    write_sgm_checkpoint(path, unet_sd, vae_sd, text_sd, text_2_sd)    # SDXL; text_sd None: the refiner
+
+SGM (Stability AI generative-models, SDXL): the UNet as above plus ``label_emb.0.{0,2}`` (diffusers'
+``add_embedding``); encoder 1 (HF CLIP) under ``conditioner.embedders.0.transformer.text_model.``;
+encoder 2 (a ``CLIPTextModelWithProjection`` state dict) as OpenCLIP under
+``conditioner.embedders.1.model.`` (refiner: ``embedders.0``) with every layer, ``text_projection``
+stored transposed and ``logit_scale``; the VAE under ``first_stage_model.``.
+:func:`write_safetensors_streaming` writes real-size files tensor by tensor (random values from shapes).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["ldm_state_dict", "write_ldm_checkpoint"]
+__all__ = [
+    "ldm_state_dict",
+    "sgm_state_dict",
+    "write_ldm_checkpoint",
+    "write_safetensors_streaming",
+    "write_sgm_checkpoint",
+]
 
 _RESNET = [
     ("norm1.", "in_layers.0."),
@@ -69,6 +86,8 @@ def _unet_to_ldm(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             "conv_in.": "input_blocks.0.0.",
             "time_embedding.linear_1.": "time_embed.0.",
             "time_embedding.linear_2.": "time_embed.2.",
+            "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL
+            "add_embedding.linear_2.": "label_emb.0.2.",
             "mid_block.resnets.0.": "middle_block.0.",
             "mid_block.attentions.0.": "middle_block.1.",
             "mid_block.resnets.1.": "middle_block.2.",
@@ -132,17 +151,16 @@ def _random_like(t: Tensor, gen: torch.Generator) -> Tensor:
     return torch.randn(t.shape, generator=gen, dtype=t.dtype)
 
 
-def _text_sd2(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _open_clip(sd: Mapping[str, Tensor], p: str) -> dict[str, Tensor]:
+    """A CLIPTextModel state dict as OpenCLIP's text tower under prefix ``p`` (q/k/v fused)."""
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    p = "cond_stage_model.model."
     out: dict[str, Tensor] = {
         p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
         p + "positional_embedding": sd["embeddings.position_embedding.weight"],
         p + "ln_final.weight": sd["final_layer_norm.weight"],
         p + "ln_final.bias": sd["final_layer_norm.bias"],
     }
-    layers = _count(list(sd), r"encoder\.layers\.(\d+)\.")
-    for i in range(layers):
+    for i in range(_count(list(sd), r"encoder\.layers\.(\d+)\.")):
         a = f"encoder.layers.{i}."
         b = f"{p}transformer.resblocks.{i}."
         for leaf in ("weight", "bias"):
@@ -154,13 +172,21 @@ def _text_sd2(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             out[f"{b}ln_2.{leaf}"] = sd[f"{a}layer_norm2.{leaf}"]
             out[f"{b}mlp.c_fc.{leaf}"] = sd[f"{a}mlp.fc1.{leaf}"]
             out[f"{b}mlp.c_proj.{leaf}"] = sd[f"{a}mlp.fc2.{leaf}"]
+    return out
+
+
+def _text_sd2(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    p = "cond_stage_model.model."
+    out = _open_clip(sd, p)
     # The final OpenCLIP layer, which SD2 skips: random weights, right shapes.
     gen = torch.Generator().manual_seed(0)
+    layers = _count(list(out), re.escape(p) + r"transformer\.resblocks\.(\d+)\.")
     last = f"{p}transformer.resblocks.{layers - 1}."
     for k in [k for k in out if k.startswith(last)]:
         out[f"{p}transformer.resblocks.{layers}." + k[len(last) :]] = _random_like(out[k], gen)
-    width = sd["final_layer_norm.weight"].shape[0]
-    out[p + "text_projection"] = _random_like(sd["final_layer_norm.weight"].new_empty(width, width), gen)
+    norm = out[p + "ln_final.weight"]
+    width = norm.shape[0]
+    out[p + "text_projection"] = _random_like(norm.new_empty(width, width), gen)
     out[p + "logit_scale"] = torch.tensor(4.6052)
     return out
 
@@ -190,15 +216,77 @@ def write_ldm_checkpoint(
     family: str,
 ) -> Path:
     """Write an LDM single file; ``.safetensors`` or ``.ckpt``/``.pt`` by suffix. Returns the path."""
-    path = Path(path)
-    state = {
-        k: v.detach().contiguous().clone()
-        for k, v in ldm_state_dict(unet_sd, vae_sd, text_sd, family).items()
-    }
+    return _save(Path(path), ldm_state_dict(unet_sd, vae_sd, text_sd, family))
+
+
+def sgm_state_dict(
+    unet_sd: Mapping[str, Tensor],
+    vae_sd: Mapping[str, Tensor],
+    text_sd: Mapping[str, Tensor] | None,
+    text_2_sd: Mapping[str, Tensor],
+) -> dict[str, Tensor]:
+    """The combined SGM state dict of an SDXL base (``text_sd`` given) or refiner (``text_sd=None``)."""
+    out = _unet_to_ldm(unet_sd)
+    out.update(_vae_to_ldm(vae_sd))
+    text_2_sd = dict(text_2_sd)
+    projection = text_2_sd.pop("text_projection.weight")
+    if text_sd is not None:
+        p1 = "conditioner.embedders.0.transformer.text_model."
+        out.update({p1 + k.removeprefix("text_model."): v for k, v in text_sd.items()})
+        positions = text_sd[next(k for k in text_sd if k.endswith("position_embedding.weight"))].shape[0]
+        out[p1 + "embeddings.position_ids"] = torch.arange(positions)[None]
+    p2 = "conditioner.embedders.1.model." if text_sd is not None else "conditioner.embedders.0.model."
+    out.update(_open_clip(text_2_sd, p2))
+    out[p2 + "text_projection"] = projection.T  # OpenCLIP: pooled @ text_projection
+    out[p2 + "logit_scale"] = torch.tensor(4.6052, device=projection.device)
+    return out
+
+
+def write_sgm_checkpoint(
+    path: str | Path,
+    unet_sd: Mapping[str, Tensor],
+    vae_sd: Mapping[str, Tensor],
+    text_sd: Mapping[str, Tensor] | None,
+    text_2_sd: Mapping[str, Tensor],
+) -> Path:
+    """Write an SGM (SDXL) single file; ``.safetensors`` or ``.ckpt``/``.pt`` by suffix."""
+    return _save(Path(path), sgm_state_dict(unet_sd, vae_sd, text_sd, text_2_sd))
+
+
+def _save(path: Path, state: Mapping[str, Tensor]) -> Path:
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     elif path.suffix in (".ckpt", ".pt"):
         torch.save({"state_dict": state, "global_step": 0}, str(path))
     else:
         raise ValueError(f"unsupported suffix {path.suffix!r}; use .safetensors or .ckpt")
+    return path
+
+
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64",
+              torch.int32: "I32"}
+
+
+def write_safetensors_streaming(
+    path: str | Path, layout: Mapping[str, Tensor], make: Callable[[str, Tensor], Tensor]
+) -> Path:
+    """Write ``{key: make(key, layout[key])}`` as safetensors one tensor at a time (``layout`` may hold
+    meta tensors: only shapes and dtypes are read), so real-size files never sit in memory whole."""
+    path = Path(path)
+    header: dict[str, object] = {}
+    offset = 0
+    for key, t in layout.items():
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key, t in layout.items():
+            value = make(key, t).detach().to(t.dtype).contiguous()
+            if tuple(value.shape) != tuple(t.shape):
+                raise ValueError(f"{key}: made {tuple(value.shape)}, layout {tuple(t.shape)}")
+            f.write(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return path

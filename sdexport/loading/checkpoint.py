@@ -14,6 +14,7 @@ with ``prediction_type="v_prediction"`` (this also selects the published 768-v c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ldm
+from . import ldm, sgm
 from .architecture import text_shapes, unet_shapes, vae_shapes
 from .errors import CheckpointError, check_state_dict
 from .files import TORCH_SUFFIXES, read_json, read_weights
@@ -40,7 +41,8 @@ __all__ = [
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-CONFIG_SECTIONS = ("unet", "vae", "text_encoder", "scheduler")
+CONFIG_SECTIONS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+FAMILIES = ("sd1", "sd2", *sgm.FAMILIES)
 DEFAULT_VAE_SCALING = 0.18215
 # The pad token of each family's tokenizer (SD1: CLIP's end-of-text; SD2: OpenCLIP pads with "!"), for
 # the bundled vocabulary when a checkpoint brings no tokenizer folder.
@@ -52,17 +54,20 @@ _TEXT_CONFIG_DROP = {"architectures", "transformers_version", "torch_dtype", "dt
 class Checkpoint:
     """A loaded Stable Diffusion 1.x/2.x checkpoint in diffusers/transformers vocabulary."""
 
-    family: str  # "sd1" | "sd2"
+    family: str  # one of FAMILIES: "sd1" | "sd2" | "sdxl" | "sdxl-refiner"
     inpainting: bool  # UNet in_channels == 9
     unet_config: dict[str, Any]  # diffusers UNet2DConditionModel config
     vae_config: dict[str, Any]  # diffusers AutoencoderKL config (scaling_factor included)
-    text_config: dict[str, Any]  # transformers CLIPTextConfig dict
+    text_config: dict[str, Any]  # transformers CLIPTextConfig dict ({} for the SDXL refiner: no encoder 1)
     scheduler_config: dict[str, Any]  # diffusers scheduler config (prediction_type set)
     tokenizer_dir: Path | None  # the checkpoint's tokenizer/ folder; None -> bundled vocabulary
     unet: dict[str, Tensor]
     vae: dict[str, Tensor]
-    text_encoder: dict[str, Tensor]
+    text_encoder: dict[str, Tensor]  # {} for the SDXL refiner
     source: Path
+    # SDXL's encoder 2 (CLIPTextModelWithProjection: ``text_model.*``, ``text_projection.weight``)
+    text_encoder_2: dict[str, Tensor] | None = None
+    text_config_2: dict[str, Any] | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -93,6 +98,8 @@ def family_defaults(family: str, prediction_type: str) -> dict[str, Any]:
         return published_configs("sd15")
     if family == "sd2":
         return published_configs("sd21_768_v" if prediction_type == "v_prediction" else "sd21_base")
+    if family in sgm.FAMILIES:
+        return published_configs("sdxl_base" if family == "sdxl" else "sdxl_refiner")
     raise CheckpointError(f"unknown model family {family!r}")
 
 
@@ -123,24 +130,29 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     configs: Mapping[str, Mapping[str, Any]] | None = None,
     variant: str | None = None,
+    family: str | None = None,
 ) -> Checkpoint:
-    """Load a Stable Diffusion 1.x/2.x checkpoint (diffusers folder or LDM single file).
+    """Load a Stable Diffusion 1.x/2.x/XL checkpoint (diffusers folder or LDM / SGM single file).
 
     - ``path``: a diffusers folder (``model_index.json``), or a ``.safetensors`` / ``.ckpt`` (also
-      ``.pt``/``.pth``) single file with the original LDM key names.
+      ``.pt``/``.pth``) single file with the original LDM key names (SDXL: Stability AI's SGM names).
     - ``prediction_type``: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; overrides the folder's
       scheduler config; for single files the default is ``"epsilon"`` (SD 2.x 768 px checkpoints need
       ``"v_prediction"``).
     - ``dtype``: cast floating-point tensors (default: keep the stored dtype).
-    - ``configs``: ``{"unet"|"vae"|"text_encoder"|"scheduler": {...}}`` merged over the loaded or inferred
-      configs, e.g. head counts of models that do not follow the published rule.
+    - ``configs``: ``{"unet"|"vae"|"text_encoder"|"text_encoder_2"|"scheduler": {...}}`` merged over the
+      loaded or inferred configs, e.g. head counts of models that do not follow the published rule.
     - ``variant``: diffusers weight variant (``"fp16"`` reads ``*.fp16.safetensors``). Without it the
       regular file is preferred and the fp16 variant used when the regular one is absent.
+    - ``family``: the family the caller expects (one of :data:`FAMILIES`); a checkpoint of another
+      family (e.g. an SDXL refiner where a base is expected) raises :class:`CheckpointError`.
 
     Every converted state dict is checked against the key/shape table computed from its config; any
     problem raises :class:`CheckpointError` naming the file and listing the keys.
     """
     _check_prediction_type(prediction_type)
+    if family is not None and family not in FAMILIES:
+        raise CheckpointError(f"family must be one of {FAMILIES}, got {family!r}")
     overrides = _check_overrides(configs)
     root = Path(path)
     if not root.exists():
@@ -150,21 +162,32 @@ def load_checkpoint(
     else:
         if variant is not None:
             raise CheckpointError(f"{root}: variant={variant!r} only applies to diffusers folders")
-        ckpt = _load_single_file(root, prediction_type, overrides)
+        ckpt = _load_single_file(root, prediction_type, overrides, family)
+    if family is not None and ckpt.family != family:
+        raise CheckpointError(f"{root}: {_family_mismatch(family, ckpt.family)}")
     if dtype is None:
         return ckpt
-    return Checkpoint(
-        family=ckpt.family,
-        inpainting=ckpt.inpainting,
-        unet_config=ckpt.unet_config,
-        vae_config=ckpt.vae_config,
-        text_config=ckpt.text_config,
-        scheduler_config=ckpt.scheduler_config,
-        tokenizer_dir=ckpt.tokenizer_dir,
+    return dataclasses.replace(
+        ckpt,
         unet=_cast(ckpt.unet, dtype),
         vae=_cast(ckpt.vae, dtype),
         text_encoder=_cast(ckpt.text_encoder, dtype),
-        source=ckpt.source,
+        text_encoder_2=None if ckpt.text_encoder_2 is None else _cast(ckpt.text_encoder_2, dtype),
+    )
+
+
+_FAMILY_NAMES = {
+    "sd1": "Stable Diffusion 1.x",
+    "sd2": "Stable Diffusion 2.x",
+    "sdxl": "SDXL base (two text encoders)",
+    "sdxl-refiner": "SDXL refiner (encoder 2 only, aesthetic-score conditioning)",
+}
+
+
+def _family_mismatch(expected: str, found: str) -> str:
+    return (
+        f"expected a {_FAMILY_NAMES[expected]} checkpoint ({expected!r}), "
+        f"but this is a {_FAMILY_NAMES[found]} checkpoint ({found!r})"
     )
 
 
@@ -203,12 +226,12 @@ def _checked(state: dict[str, Tensor], expected: dict[str, tuple[int, ...]], wha
 
 def _single_file_keep(key: str) -> bool:
     return key.startswith(
-        (ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.SD1_TEXT_PREFIX, ldm.SD2_TEXT_PREFIX)
+        (ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.SD1_TEXT_PREFIX, ldm.SD2_TEXT_PREFIX, sgm.CONDITIONER_PREFIX)
     ) and not key.startswith(ldm.VAE_PREFIX + "loss.")  # training-time discriminator / logvar
 
 
 def _load_single_file(
-    path: Path, prediction_type: str | None, overrides: dict[str, dict[str, Any]]
+    path: Path, prediction_type: str | None, overrides: dict[str, dict[str, Any]], family: str | None = None
 ) -> Checkpoint:
     suffix = path.suffix.lower()
     if suffix != ".safetensors" and suffix not in TORCH_SUFFIXES:
@@ -216,39 +239,68 @@ def _load_single_file(
             f"{path}: unsupported file type {suffix or '(no suffix)'!r}; expected a .safetensors or .ckpt "
             "single-file checkpoint, or a diffusers folder (with model_index.json)"
         )
-    return _from_ldm_state(read_weights(path, _single_file_keep), path, prediction_type, overrides)
+    return _from_ldm_state(read_weights(path, _single_file_keep), path, prediction_type, overrides, family)
+
+
+def _section(
+    defaults: dict[str, Any], inferred: dict[str, Any], override: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    defaults.update(inferred)
+    defaults.update(override or {})
+    return defaults
+
+
+def _heads_64(config: dict[str, Any], key: str, channels: list[int]) -> None:
+    """The published rule of SD 2.x and SDXL (UNet and both text encoders): 64-channel heads."""
+    heads = [max(1, c // 64) for c in channels]
+    config[key] = heads if key == "attention_head_dim" else heads[0]
 
 
 def _from_ldm_state(
-    state: dict[str, Tensor], path: Path, prediction_type: str | None, overrides: dict[str, dict[str, Any]]
+    state: dict[str, Tensor],
+    path: Path,
+    prediction_type: str | None,
+    overrides: dict[str, dict[str, Any]],
+    expected_family: str | None = None,
 ) -> Checkpoint:
-    """Recognise, configure and convert an LDM state dict (works on meta tensors too)."""
-    family = ldm.detect_family(state, str(path))
+    """Recognise, configure and convert an LDM / SGM state dict (works on meta tensors too)."""
+    name = str(path)
+    family = sgm.detect_family(state, name)
+    if expected_family is not None and family != expected_family:
+        raise CheckpointError(f"{name}: {_family_mismatch(expected_family, family)}")
+    xl = family in sgm.FAMILIES
+    for section, absent in (("text_encoder", family == "sdxl-refiner"), ("text_encoder_2", not xl)):
+        if absent and section in overrides:
+            raise CheckpointError(f"{name}: configs[{section!r}] given, but a {family} checkpoint has no {section}")
     pred = prediction_type or "epsilon"
     defaults = family_defaults(family, pred)
+    published = copy.deepcopy(defaults)
 
-    unet_config: dict[str, Any] = defaults["unet"]
-    unet_config.update(ldm.infer_unet_config(state, str(path)))
-    if family == "sd2":
-        # SD 2.x: 64-channel heads (published: [5, 10, 20, 20]).
-        unet_config["attention_head_dim"] = [max(1, c // 64) for c in unet_config["block_out_channels"]]
-    unet_config.update(overrides.get("unet", {}))
+    text_config: dict[str, Any] = {}
+    if family != "sdxl-refiner":
+        inferred = sgm.infer_text_config(state, name) if xl else ldm.infer_text_config(state, family, name)
+        _heads_64(inferred, "num_attention_heads", [inferred["hidden_size"]])
+        text_config = _section(defaults["text_encoder"], inferred, overrides.get("text_encoder"))
+    text_config_2: dict[str, Any] | None = None
+    if xl:
+        inferred = sgm.infer_text_2_config(state, family, name)
+        _heads_64(inferred, "num_attention_heads", [inferred["hidden_size"]])
+        text_config_2 = _section(defaults["text_encoder_2"], inferred, overrides.get("text_encoder_2"))
 
-    vae_config: dict[str, Any] = defaults["vae"]
-    vae_config.update(ldm.infer_vae_config(state, str(path)))
-    vae_config.update(overrides.get("vae", {}))
-
-    text_config: dict[str, Any] = defaults["text_encoder"]
-    text_config.update(ldm.infer_text_config(state, family, str(path)))
-    text_config["num_attention_heads"] = max(1, text_config["hidden_size"] // 64)
-    text_config.update(overrides.get("text_encoder", {}))
-
-    scheduler_config: dict[str, Any] = defaults["scheduler"]
-    scheduler_config.update(overrides.get("scheduler", {}))
+    inferred = ldm.infer_unet_config(state, name)
+    if family != "sd1":  # SD 2.x (published: [5, 10, 20, 20]), SDXL ([5, 10, 20])
+        _heads_64(inferred, "attention_head_dim", inferred["block_out_channels"])
+    if text_config_2 is not None:
+        inferred.update(sgm.infer_text_time(state, published, int(text_config_2["projection_dim"]), name))
+    unet_config = _section(defaults["unet"], inferred, overrides.get("unet"))
+    vae_config = _section(defaults["vae"], ldm.infer_vae_config(state, name), overrides.get("vae"))
+    scheduler_config = _section(defaults["scheduler"], {}, overrides.get("scheduler"))
     scheduler_config["prediction_type"] = pred
 
-    name = str(path)
-    _check_conditioning(unet_config, text_config, str(path))
+    if text_config_2 is None:
+        _check_conditioning(unet_config, text_config, name)
+    else:
+        sgm.check_conditioning(unet_config, text_config or None, text_config_2, name)
     errors: list[str] = []
     unet = _attempt(
         errors,
@@ -262,7 +314,15 @@ def _from_ldm_state(
             state, ldm.vae_key_map(vae_config), vae_shapes(vae_config), ldm.VAE_PREFIX, f"{name}: VAE"
         ),
     )
-    text = _attempt(errors, lambda: ldm.convert_text(state, text_config, family, f"{name}: text encoder"))
+    text: dict[str, Tensor] = {}
+    if not xl:
+        text = _attempt(errors, lambda: ldm.convert_text(state, text_config, family, f"{name}: text encoder"))
+    elif text_config:
+        text = _attempt(errors, lambda: sgm.convert_text(state, text_config, f"{name}: text encoder"))
+    text_2: dict[str, Tensor] | None = None
+    if text_config_2 is not None:
+        config_2 = text_config_2
+        text_2 = _attempt(errors, lambda: sgm.convert_text_2(state, config_2, family, f"{name}: text encoder 2"))
     _raise_collected(errors)
     return Checkpoint(
         family=family,
@@ -276,6 +336,8 @@ def _from_ldm_state(
         vae=vae,
         text_encoder=text,
         source=path,
+        text_encoder_2=text_2,
+        text_config_2=text_config_2,
     )
 
 
