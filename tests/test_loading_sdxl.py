@@ -1,0 +1,474 @@
+"""SDXL base and refiner single files (SGM layout): round trips through ``load_checkpoint``, parity with
+diffusers' ``from_single_file``, the published layouts at real size (on meta), and clear errors.
+
+The slow test writes a real-size SDXL base file (random fp16 weights, ~7 GB) and compares one UNet call,
+one text encoding (both encoders) and one VAE decode of our models against diffusers' ``from_single_file``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ldm_writer import sgm_state_dict, write_safetensors_streaming, write_sgm_checkpoint
+from safetensors.torch import save_file
+from tiny_configs import XL_KINDS, scheduler_config, text_config, text_config_2, unet_config, vae_config
+from torch import Tensor, nn
+
+from sdexport.loading import CheckpointError, load_checkpoint, load_strict, published_configs
+from sdexport.loading.checkpoint import _from_ldm_state
+from sdexport.loading.sgm import convert_text_2
+from sdexport.models.config import TextEncoderConfig, UNetConfig, VAEConfig
+from sdexport.models.text_encoder import TextEncoder, TextEncoderWithProjection
+from sdexport.models.unet import UNet
+from sdexport.models.vae import VAE
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network
+
+
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _inner(text: nn.Module) -> nn.Module:
+    """transformers' ``CLIPTextModel`` may nest its modules under ``text_model`` (our names do not)."""
+    inner: nn.Module = getattr(text, "text_model", text)
+    return inner
+
+
+class XLTiny:
+    """Random tiny diffusers/transformers SDXL base or refiner models."""
+
+    def __init__(self, kind: str) -> None:
+        torch.manual_seed({"sdxl": 10, "sdxl-refiner": 11}[kind])
+        self.kind = kind
+        self.unet = diffusers.UNet2DConditionModel(**_plain(unet_config(kind))).eval()
+        self.vae = diffusers.AutoencoderKL(**_plain(vae_config(kind))).eval()
+        self.text = (
+            None
+            if kind == "sdxl-refiner"
+            else transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_config(kind))).eval()
+        )
+        self.text_2 = transformers.CLIPTextModelWithProjection(
+            transformers.CLIPTextConfig(**text_config_2(kind))
+        ).eval()
+        with torch.no_grad():  # non-zero everywhere, so every key matters
+            for module in self.modules().values():
+                for p in module.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+
+    def modules(self) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {"unet": self.unet, "vae": self.vae, "text_encoder_2": self.text_2}
+        if self.text is not None:
+            out["text_encoder"] = self.text
+        return out
+
+    def write(self, path: Path) -> Path:
+        text = None if self.text is None else self.text.state_dict()
+        return write_sgm_checkpoint(
+            path, self.unet.state_dict(), self.vae.state_dict(), text, self.text_2.state_dict()
+        )
+
+    def sgm(self) -> dict[str, Tensor]:
+        text = None if self.text is None else self.text.state_dict()
+        return sgm_state_dict(self.unet.state_dict(), self.vae.state_dict(), text, self.text_2.state_dict())
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """What a single file cannot say about tiny models (the published 64-channel heads don't fit)."""
+        out: dict[str, dict[str, Any]] = {
+            "unet": {"attention_head_dim": unet_config(self.kind)["attention_head_dim"], "norm_num_groups": 8},
+            "vae": {"norm_num_groups": 8},
+            "text_encoder_2": {"num_attention_heads": text_config_2(self.kind)["num_attention_heads"]},
+        }
+        if self.text is not None:
+            out["text_encoder"] = {"num_attention_heads": text_config(self.kind)["num_attention_heads"]}
+        return out
+
+
+@pytest.fixture(scope="module")
+def xl() -> dict[str, XLTiny]:
+    return {kind: XLTiny(kind) for kind in XL_KINDS}
+
+
+def ckpt_states(ckpt: Any) -> dict[str, dict[str, Tensor]]:
+    out = {"unet": ckpt.unet, "vae": ckpt.vae, "text_encoder_2": ckpt.text_encoder_2}
+    if ckpt.text_encoder:
+        out["text_encoder"] = ckpt.text_encoder
+    return out
+
+
+def assert_same_state(got: Mapping[str, Tensor], module: nn.Module, what: str) -> None:
+    want = _inner(module).state_dict() if what == "text_encoder" else module.state_dict()
+    assert set(got) == set(want), (what, sorted(set(got) ^ set(want))[:5])
+    for k, v in want.items():
+        assert torch.equal(got[k], v), (what, k)
+
+
+def write_config_folder(root: Path, configs: Mapping[str, Mapping[str, Any]], refiner: bool) -> Path:
+    """A diffusers SDXL pipeline folder of configs only (no weights): ``from_single_file``'s ``config``."""
+    for name in ("unet", "vae"):
+        (root / name).mkdir(parents=True)
+        cls = "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"
+        (root / name / "config.json").write_text(json.dumps({"_class_name": cls, **configs[name]}))
+    texts = ["text_encoder_2"] if refiner else ["text_encoder", "text_encoder_2"]
+    for name in texts:
+        arch = "CLIPTextModelWithProjection" if name == "text_encoder_2" else "CLIPTextModel"
+        config = transformers.CLIPTextConfig(**configs[name])
+        config.architectures = [arch]
+        config.save_pretrained(root / name)
+        tok = root / name.replace("text_encoder", "tokenizer")
+        tok.mkdir()
+        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "a</w>": 3, "a": 4}
+        (tok / "vocab.json").write_text(json.dumps(vocab))
+        (tok / "merges.txt").write_text("#version: 0.2\n")
+        pad = "!" if name == "text_encoder_2" else "<|endoftext|>"
+        (tok / "tokenizer_config.json").write_text(
+            json.dumps({"model_max_length": 77, "pad_token": pad, "tokenizer_class": "CLIPTokenizer"})
+        )
+    (root / "scheduler").mkdir()
+    sched = {**_plain(scheduler_config("sdxl")), "_class_name": "EulerDiscreteScheduler"}
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
+        "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "force_zeros_for_empty_prompt": not refiner,
+    }
+    if refiner:
+        index["requires_aesthetics_score"] = True
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def reference_pipeline(path: Path, config: Path, refiner: bool, dtype: torch.dtype | None = None) -> Any:
+    cls = diffusers.StableDiffusionXLImg2ImgPipeline if refiner else diffusers.StableDiffusionXLPipeline
+    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    if refiner:
+        kwargs.update(text_encoder=None, tokenizer=None)
+    return cls.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
+
+
+# --------------------------------------------------------------------------- tiny round trips
+
+
+@pytest.mark.parametrize(("kind", "suffix"), [("sdxl", ".safetensors"), ("sdxl-refiner", ".safetensors"),
+                                              ("sdxl", ".ckpt")])
+def test_sgm_round_trip(tmp_path: Path, xl: dict[str, XLTiny], kind: str, suffix: str) -> None:
+    t = xl[kind]
+    path = t.write(tmp_path / f"model{suffix}")
+    ckpt = load_checkpoint(path, configs=t.overrides(), family=kind)
+    assert ckpt.family == kind and not ckpt.inpainting and ckpt.prediction_type == "epsilon"
+    ucfg = unet_config(kind)
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                "cross_attention_dim", "transformer_layers_per_block", "use_linear_projection",
+                "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        assert ckpt.unet_config[key] == ucfg[key], key
+    assert ckpt.vae_config["scaling_factor"] == 0.13025 and ckpt.vae_config["force_upcast"] is True
+    assert ckpt.text_config_2 is not None
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "projection_dim", "hidden_act"):
+        assert ckpt.text_config_2[key] == text_config_2(kind)[key], key
+    if kind == "sdxl-refiner":
+        assert ckpt.text_encoder == {} and ckpt.text_config == {}
+    else:
+        assert ckpt.text_config["num_hidden_layers"] == text_config(kind)["num_hidden_layers"]
+    states = ckpt_states(ckpt)
+    assert set(states) == set(t.modules())
+    for name, module in t.modules().items():
+        assert_same_state(states[name], module, name)
+
+
+def test_sgm_models_run_like_the_originals(tmp_path: Path, xl: dict[str, XLTiny]) -> None:
+    """Our models built from the loaded configs: UNet with text_time, encoder 2's projected pooled output."""
+    for kind, t in xl.items():
+        ckpt = load_checkpoint(t.write(tmp_path / f"{kind}.safetensors"), configs=t.overrides())
+        unet = UNet(UNetConfig.from_diffusers(ckpt.unet_config)).eval()
+        load_strict(unet, ckpt.unet, "unet")
+        assert ckpt.text_config_2 is not None and ckpt.text_encoder_2 is not None
+        text_2 = TextEncoderWithProjection(TextEncoderConfig.from_transformers(ckpt.text_config_2)).eval()
+        load_strict(text_2, ckpt.text_encoder_2, "text_encoder_2")
+        gen = torch.Generator().manual_seed(5)
+        x = torch.randn(1, 4, 16, 16, generator=gen)
+        context = torch.randn(1, 7, ckpt.unet_config["cross_attention_dim"], generator=gen)
+        pooled = torch.randn(1, text_config_2(kind)["projection_dim"], generator=gen)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0][: 6 if kind == "sdxl" else 5]])
+        ids = torch.randint(0, 49406, (1, 77), generator=gen)
+        ids[0, 0], ids[0, 9], ids[0, 10:] = 49406, 49407, 0  # BOS, EOS ("!" padding): pooled at 9
+        with torch.no_grad():
+            got = unet(x, torch.tensor(17), context, text_embeds=pooled, time_ids=time_ids)
+            want = t.unet(x, torch.tensor([17]), context,
+                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            _, embeds = text_2(ids)
+            torch.testing.assert_close(embeds, t.text_2(ids).text_embeds, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", XL_KINDS)
+def test_sgm_agrees_with_diffusers_from_single_file(tmp_path: Path, xl: dict[str, XLTiny], kind: str) -> None:
+    """diffusers' own SGM converter reads our writer's files into the same tensors as our loader."""
+    t = xl[kind]
+    path = t.write(tmp_path / "m.safetensors")
+    configs = {"unet": _plain(unet_config(kind)), "vae": _plain(vae_config(kind))}
+    configs["text_encoder_2"] = text_config_2(kind)
+    if kind == "sdxl":
+        configs["text_encoder"] = text_config(kind)
+    folder = write_config_folder(tmp_path / "config", configs, kind == "sdxl-refiner")
+    pipe = reference_pipeline(path, folder, kind == "sdxl-refiner")
+    ckpt = load_checkpoint(path, configs=t.overrides())
+    for name, state in ckpt_states(ckpt).items():
+        assert_same_state(state, getattr(pipe, name), name)
+
+
+def test_open_clip_split_and_projection_transpose() -> None:
+    """q/k/v are the row thirds of ``in_proj_*``; ``text_projection.weight`` is the stored matrix's transpose."""
+    config = text_config_2("sdxl") | {"num_hidden_layers": 1}
+    h, p = config["hidden_size"], config["projection_dim"]
+    model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**config))
+    state = sgm_state_dict({}, {}, None, model.state_dict())
+    prefix = "conditioner.embedders.0.model."
+    fused = torch.randn(3 * h, h)
+    stored = torch.randn(h, p)
+    state[prefix + "transformer.resblocks.0.attn.in_proj_weight"] = fused
+    state[prefix + "text_projection"] = stored
+    out = convert_text_2(state, config, "sdxl-refiner", "enc2")
+    layer = "text_model.encoder.layers.0.self_attn."
+    for i, name in enumerate("qkv"):
+        assert torch.equal(out[f"{layer}{name}_proj.weight"], fused[i * h : (i + 1) * h])
+    assert torch.equal(out["text_projection.weight"], stored.T)
+    state[prefix + "text_projection"] = stored.T.contiguous()  # stored the wrong way round
+    with pytest.raises(CheckpointError, match=r"text_projection \(transposed\) -> text_projection\.weight"):
+        convert_text_2(state, config, "sdxl-refiner", "enc2")
+
+
+# --------------------------------------------------------------------------- published layouts (meta)
+
+
+@pytest.mark.parametrize("name", ["sdxl_base", "sdxl_refiner"])
+def test_real_size_layout_on_meta(name: str) -> None:
+    """The published SDXL architectures, shapes only: inference + family rules give the published configs
+    and the converted keys/shapes are exactly diffusers'/transformers'."""
+    published = published_configs(name)
+    refiner = name == "sdxl_refiner"
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**published["unet"])
+        vae = diffusers.AutoencoderKL(**published["vae"])
+        text = None if refiner else transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(**published["text_encoder"]))
+        text_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**published["text_encoder_2"]))
+    state = sgm_state_dict(unet.state_dict(), vae.state_dict(), None if text is None else text.state_dict(),
+                           text_2.state_dict())
+    ckpt = _from_ldm_state(state, Path(f"{name}.safetensors"), None, {})
+    assert ckpt.family == ("sdxl-refiner" if refiner else "sdxl")
+    sections = [("unet", ckpt.unet_config), ("vae", ckpt.vae_config), ("text_encoder_2", ckpt.text_config_2)]
+    if not refiner:
+        sections.append(("text_encoder", ckpt.text_config))
+    for section, got in sections:
+        assert got is not None
+        for key, value in published[section].items():
+            assert got[key] == value, (section, key, got[key], value)
+    pairs: list[tuple[Mapping[str, Tensor] | None, nn.Module]] = [
+        (ckpt.unet, unet), (ckpt.vae, vae), (ckpt.text_encoder_2, text_2)]
+    if text is not None:
+        pairs.append((ckpt.text_encoder, _inner(text)))
+    for ours, module in pairs:
+        assert ours is not None
+        assert {k: tuple(v.shape) for k, v in ours.items()} == {
+            k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _save(path: Path, state: Mapping[str, Tensor]) -> Path:
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def test_error_missing_and_misshapen_tensors(tmp_path: Path, xl: dict[str, XLTiny]) -> None:
+    t = xl["sdxl"]
+    good = t.sgm()
+    enc2 = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
+    state = {k: v for k, v in good.items() if k != "model.diffusion_model.label_emb.0.2.weight"}
+    state[enc2] = torch.zeros(3 * 48 + 3, 48)
+    state["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.zeros(31)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(_save(tmp_path / "bad.safetensors", state), configs=t.overrides())
+    msg = str(info.value)
+    assert "bad.safetensors" in msg and "3 components do not load" in msg
+    assert "model.diffusion_model.label_emb.0.2.weight (for add_embedding.linear_2.weight)" in msg
+    assert f"{enc2} (q rows) -> text_model.encoder.layers.1.self_attn.q_proj.weight" in msg
+    assert "final_layer_norm.weight: checkpoint (31), expected (32)" in msg
+    # label_emb.0.0 that fits no pooled width + time ids
+    state = dict(good)
+    state["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(128, 41)
+    with pytest.raises(CheckpointError, match=r"label_emb\.0\.0\.weight \(41 inputs\) does not fit .* 6 time ids"):
+        load_checkpoint(_save(tmp_path / "emb.safetensors", state), configs=t.overrides())
+    # the UNet without its added embedding at all
+    state = {k: v for k, v in good.items() if "label_emb" not in k}
+    with pytest.raises(CheckpointError, match=r"missing key model\.diffusion_model\.label_emb\.0\.0\.weight"):
+        load_checkpoint(_save(tmp_path / "noemb.safetensors", state))
+
+
+def test_error_truncated_file(tmp_path: Path, xl: dict[str, XLTiny]) -> None:
+    good = xl["sdxl-refiner"].write(tmp_path / "good.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors.*truncated or corrupt"):
+        load_checkpoint(cut)
+
+
+def test_error_family_mismatch_and_odd_conditioners(tmp_path: Path, xl: dict[str, XLTiny]) -> None:
+    refiner = xl["sdxl-refiner"].write(tmp_path / "refiner.safetensors")
+    with pytest.raises(CheckpointError, match=r"refiner\.safetensors: expected a SDXL base .* \('sdxl'\), but this "
+                                              r"is a SDXL refiner .*\('sdxl-refiner'\)"):
+        load_checkpoint(refiner, family="sdxl")
+    with pytest.raises(CheckpointError, match=r"configs\['text_encoder'\] given, but a sdxl-refiner checkpoint"):
+        load_checkpoint(refiner, configs={"text_encoder": {"num_attention_heads": 2}})
+    with pytest.raises(CheckpointError, match="family must be one of"):
+        load_checkpoint(refiner, family="xl")
+    good = xl["sdxl"].sgm()
+    with pytest.raises(CheckpointError, match=r"expected a SDXL refiner .* but this is a SDXL base"):
+        load_checkpoint(_save(tmp_path / "base.safetensors", good), family="sdxl-refiner")
+    odd = {**good, "conditioner.embedders.2.model.foo": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"unexpected conditioner keys \(1\):\n    conditioner\.embedders\.2"):
+        load_checkpoint(_save(tmp_path / "odd.safetensors", odd))
+    no_enc1 = {k: v for k, v in good.items() if not k.startswith("conditioner.embedders.0.")}
+    with pytest.raises(CheckpointError, match=r"unrecognised SGM conditioner \['conditioner\.embedders\.1\.model'\]"):
+        load_checkpoint(_save(tmp_path / "half.safetensors", no_enc1))
+    no_cond = {k: v for k, v in good.items() if not k.startswith("conditioner.")}
+    with pytest.raises(CheckpointError, match=r"label_emb\) but no SGM text encoders"):
+        load_checkpoint(_save(tmp_path / "nocond.safetensors", no_cond))
+
+
+# --------------------------------------------------------------------------- real size (slow)
+
+
+def _random_param(key: str, t: Tensor) -> Tensor:
+    """Deterministic per key, scaled like a default init so activations stay finite through 70 layers."""
+    gen = torch.Generator().manual_seed(sum(key.encode()) * 7919 % (2**31) + len(key))
+    if t.dtype == torch.int64:  # encoder 1's position_ids
+        return torch.arange(t.shape[-1])[None]
+    if t.ndim == 0:
+        return torch.tensor(4.6052)
+    if t.ndim == 1:
+        base = 1.0 if ("norm" in key or "ln_" in key) and key.endswith("weight") else 0.0
+        return (base + 0.02 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+    # OpenCLIP's text_projection is stored (width, projection): its fan-in is dim 0
+    fan_in = t.shape[0] if key.endswith("text_projection") else t[0].numel()
+    return (torch.randn(t.shape, generator=gen) / fan_in**0.5).to(t.dtype)
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@pytest.mark.slow
+def test_real_size_sdxl_base_matches_from_single_file(tmp_path: Path) -> None:
+    """A real-size SDXL base single file (random fp16, SGM layout): our loader + models against diffusers'
+    from_single_file, module by module in fp32 (one UNet call at 32x32 latents, both encoders, a decode)."""
+    started = time.perf_counter()
+    published = published_configs("sdxl_base")
+    with torch.device("meta"):
+        meta = {
+            "unet": diffusers.UNet2DConditionModel(**published["unet"]).half().state_dict(),
+            "vae": diffusers.AutoencoderKL(**published["vae"]).half().state_dict(),
+            "text_encoder": transformers.CLIPTextModel(
+                transformers.CLIPTextConfig(**published["text_encoder"])).half().state_dict(),
+            "text_encoder_2": transformers.CLIPTextModelWithProjection(
+                transformers.CLIPTextConfig(**published["text_encoder_2"])).half().state_dict(),
+        }
+    layout = sgm_state_dict(meta["unet"], meta["vae"], meta["text_encoder"], meta["text_encoder_2"])
+    layout["conditioner.embedders.1.model.logit_scale"] = torch.empty((), dtype=torch.float16, device="meta")
+    path = write_safetensors_streaming(tmp_path / "sdxl_base.safetensors", layout, _random_param)
+    del meta, layout
+    size_gb = path.stat().st_size / 2**30
+    folder = write_config_folder(tmp_path / "config", {
+        "unet": published["unet"], "vae": published["vae"], "text_encoder": published["text_encoder"],
+        "text_encoder_2": {**published["text_encoder_2"], "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+    }, refiner=False)
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49407, (1, 77), generator=gen)
+    ids[0, 0], ids[0, 20] = 49406, 49407  # BOS ... EOS; the pooled token is the argmax
+    ids[0, 21:] = 0
+    x = torch.randn(1, 4, 32, 32, generator=gen)
+    context = torch.randn(1, 77, 2048, generator=gen)
+    pooled = torch.randn(1, 1280, generator=gen)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])
+    latents = torch.randn(1, 4, 16, 16, generator=gen)
+
+    # Ours: load in fp16, then one module at a time in fp32.
+    ckpt = load_checkpoint(path, dtype=torch.float16, family="sdxl")
+    assert ckpt.text_config_2 is not None and ckpt.text_encoder_2 is not None
+    ours: dict[str, Tensor] = {}
+    with torch.no_grad():
+        with torch.device("meta"):  # load_strict assigns the loaded tensors
+            enc1 = TextEncoder(TextEncoderConfig.from_transformers(ckpt.text_config, clip_skip=2, final_norm=False))
+        load_strict(enc1, ckpt.text_encoder, "text_encoder")
+        ckpt.text_encoder.clear()
+        ours["context_1"] = enc1.float()(ids)
+        del enc1
+        with torch.device("meta"):
+            enc2 = TextEncoderWithProjection(
+                TextEncoderConfig.from_transformers(ckpt.text_config_2, clip_skip=2, final_norm=False))
+        load_strict(enc2, ckpt.text_encoder_2, "text_encoder_2")
+        ckpt.text_encoder_2.clear()
+        ours["context_2"], ours["text_embeds"] = enc2.float()(ids)
+        del enc2
+        with torch.device("meta"):
+            vae = VAE(VAEConfig.from_diffusers(ckpt.vae_config))
+        load_strict(vae, ckpt.vae, "vae")
+        ckpt.vae.clear()
+        ours["decode"] = vae.float().decode(latents)
+        del vae
+        with torch.device("meta"):
+            unet = UNet(UNetConfig.from_diffusers(ckpt.unet_config))
+        load_strict(unet, ckpt.unet, "unet")
+        ckpt.unet.clear()
+        ours["unet"] = unet.float()(x, torch.tensor(500), context, text_embeds=pooled, time_ids=time_ids)
+        del unet, ckpt
+    gc.collect()
+    ours_done = time.perf_counter()
+
+    # The reference: diffusers' from_single_file (fp16), each module upcast in turn.
+    pipe = reference_pipeline(path, folder, refiner=False, dtype=torch.float16)
+    ref: dict[str, Tensor] = {}
+    with torch.no_grad():
+        hidden = pipe.text_encoder.float()(ids, output_hidden_states=True).hidden_states
+        ref["context_1"] = hidden[-2]
+        pipe.text_encoder = None
+        out = pipe.text_encoder_2.float()(ids, output_hidden_states=True)
+        ref["context_2"], ref["text_embeds"] = out.hidden_states[-2], out.text_embeds
+        pipe.text_encoder_2 = None
+        vae_ref = pipe.vae.float()
+        ref["decode"] = vae_ref.decode(latents).sample
+        pipe.vae = vae_ref = None
+        gc.collect()
+        ref["unet"] = pipe.unet.float()(x, torch.tensor([500]), context,
+                                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    del pipe
+    gc.collect()
+
+    for name, want in ref.items():
+        got = ours[name]
+        assert torch.isfinite(want).all(), name
+        scale = want.abs().max().item()
+        err = (got - want).abs().max().item()
+        assert err <= 1e-3 * max(scale, 1.0), f"{name}: max abs err {err} (scale {scale})"
+    print(f"\nSDXL base single file: {size_gb:.2f} GiB; ours {ours_done - started:.0f} s (incl. writing), "
+          f"total {time.perf_counter() - started:.0f} s; peak RSS {_peak_rss_gb():.1f} GiB")
