@@ -6,7 +6,7 @@ Each format's modules become plain callables over tensors; no model code is impo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -115,7 +115,8 @@ class ArtifactBackend:
         self.info = ModelInfo(family=m.family, unet_in_channels=m.unet_in_channels,
                               latent_channels=m.latent_channels, scaling_factor=m.scaling_factor,
                               scheduler_config=m.scheduler_config, name=m.model_name, hash=m.model_hash)
-        self.tokenizer = ClipTokenizer.from_json((root / m.tokenizer).read_text(encoding="utf-8"))
+        tokenizer = ClipTokenizer.from_json((root / m.tokenizer).read_text(encoding="utf-8"))
+        self.tokenizers: tuple[ClipTokenizer, ...] = (tokenizer,)
         calls: dict[str, Call] = {}
         for name, files in m.modules.items():
             program = root / files["program"]
@@ -136,14 +137,18 @@ class ArtifactBackend:
     def check_shape(self, batch: int, height: int, width: int) -> None:
         self.manifest.shapes.check(batch, height, width)
 
-    def encode_text(self, ids: Tensor) -> Tensor:
+    def encode_text(self, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        (chunk_ids,) = ids
         rows = 2 * self.manifest.shapes.max_batch * self.manifest.shapes.max_chunks
-        if ids.shape[0] > rows:
-            raise ValueError(f"prompt too long for this artifact: {ids.shape[0]} 77-token chunks in the "
+        if chunk_ids.shape[0] > rows:
+            raise ValueError(f"prompt too long for this artifact: {chunk_ids.shape[0]} 77-token chunks in the "
                              f"batch, at most {rows} (max_chunks={self.manifest.shapes.max_chunks})")
-        return self._text(ids)
+        return self._text(chunk_ids), None
 
-    def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
+    def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
+             time_ids: Tensor | None = None) -> Tensor:
+        if text_embeds is not None or time_ids is not None:
+            raise ValueError("this artifact's UNet takes no text_embeds / time_ids (SD 1.x/2.x)")
         chunks = self.manifest.shapes.max_chunks
         if context.shape[1] > 77 * chunks:
             raise ValueError(f"prompt too long for this artifact: {context.shape[1] // 77} chunks of 75 tokens, "
@@ -152,10 +157,10 @@ class ArtifactBackend:
         return self._unet(*_dense(self.dtype, x), t.contiguous(), *_dense(self.dtype, context, weights))
 
     def decode(self, z: Tensor) -> Tensor:
-        return self._decode(*_dense(self.dtype, z))
+        return self._decode(*_dense(self.dtype, z)).float()
 
     def encode(self, image: Tensor) -> Tensor:
-        return self._encode(*_dense(self.dtype, image))
+        return self._encode(*_dense(self.dtype, image)).float()
 
 
 def _dense(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:

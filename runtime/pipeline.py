@@ -243,7 +243,7 @@ class Pipeline:
     def _decode(self, x: Tensor, job: _Job, output: Output) -> list[Image.Image] | Tensor:
         be = self.backend
         with torch.inference_mode():
-            images = be.decode((x / be.info.scaling_factor).to(be.dtype))
+            images = be.decode(x.float() / be.info.scaling_factor)
         images = (images.float() / 2 + 0.5).clamp(0, 1).cpu()
         if output == "tensor":
             return images
@@ -252,18 +252,18 @@ class Pipeline:
     def _encode_prompts(self, job: _Job, guided: bool) -> tuple[Tensor, Tensor]:
         """-> context (N, 77k, D) and token weights (N, 77k): rows [negatives; prompts] if guided, else prompts."""
         be = self.backend
-        encoded = encode_prompts(be.tokenizer, [*job.negatives, *job.prompts] if guided else job.prompts)
+        encoded = encode_prompts(be.tokenizers[0], [*job.negatives, *job.prompts] if guided else job.prompts)
         ids = torch.stack([e.ids for e in encoded]).to(be.device)  # (N, 77k)
         weights = torch.stack([e.weights for e in encoded]).to(be.device, be.dtype)
         with torch.inference_mode():
-            ctx = be.encode_text(ids.reshape(-1, 77))  # each 77-token chunk encoded on its own
+            ctx, _ = be.encode_text([ids.reshape(-1, 77)])  # each 77-token chunk encoded on its own
         return ctx.reshape(ids.shape[0], ids.shape[1], -1), weights
 
     def _encode_image(self, image: Tensor, gens: list[torch.Generator]) -> Tensor:
         """A posterior sample of `image` (in [-1, 1]), one draw per image from its generator."""
         be = self.backend
         with torch.inference_mode():
-            moments = be.encode(image.to(be.device, be.dtype))
+            moments = be.encode(image.to(be.device))
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         eps = _draw(gens, tuple(mean.shape)).to(mean.device)

@@ -11,7 +11,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from runtime.artifact import ArtifactBackend
 from runtime.backend import Backend, ModelInfo
 from runtime.manifest import DTYPES
 from runtime.pipeline import Pipeline
+from runtime.tokenizer import ClipTokenizer
 from sdexport.models.layers import Kernels
 from sdexport.pipeline import StableDiffusion
 from sdexport.presets import PUBLISHED, SMALL, open_model, preset_config
@@ -107,7 +108,7 @@ def bench_backend(be: Backend, inp: Inputs, steps: int, height: int, width: int,
                   device: torch.device) -> tuple[dict[str, float], dict[str, Tensor]]:
     outs: dict[str, Tensor] = {}
     calls: dict[str, Callable[[], Tensor]] = {
-        "text_encoder": lambda: be.encode_text(inp.ids),
+        "text_encoder": lambda: be.encode_text([inp.ids])[0],
         "unet_step": lambda: be.unet(inp.x, inp.t, inp.context, inp.weights),
         "vae_decode": lambda: be.decode(inp.z),
         "vae_encode": lambda: be.encode(inp.image),
@@ -150,7 +151,7 @@ class DiffusersBackend:
             m.to(dev, dt).eval()
         self.device, self.dtype = dev, dt
         self.vae, self.text = vae, text
-        self.tokenizer = sd.tokenizer
+        self.tokenizers: tuple[ClipTokenizer, ...] = (sd.tokenizer,)
         self.info: ModelInfo = sd.info
         mode = "reduce-overhead" if dev.type == "cuda" else "default"
         self._unet: Any = torch.compile(unet, mode=mode) if compile_unet else unet
@@ -158,21 +159,22 @@ class DiffusersBackend:
     def check_shape(self, batch: int, height: int, width: int) -> None:
         return None
 
-    def encode_text(self, ids: Tensor) -> Tensor:
-        out: Tensor = self.text(ids)[0]
-        return out
+    def encode_text(self, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        out: Tensor = self.text(ids[0])[0]
+        return out, None
 
-    def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
+    def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
+             time_ids: Tensor | None = None) -> Tensor:
         out: Tensor = self._unet(x, t, encoder_hidden_states=context).sample
         return out
 
     def decode(self, z: Tensor) -> Tensor:
-        out: Tensor = self.vae.decode(z).sample
-        return out
+        out: Tensor = self.vae.decode(z.to(self.dtype)).sample
+        return out.float()
 
     def encode(self, image: Tensor) -> Tensor:
-        out: Tensor = self.vae.encode(image).latent_dist.parameters
-        return out
+        out: Tensor = self.vae.encode(image.to(self.dtype)).latent_dist.parameters
+        return out.float()
 
 
 def _native_size(model: str) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from sdexport.loading import PAD_TOKEN, Checkpoint, load_checkpoint
 from sdexport.loading.errors import load_strict
 from sdexport.models.config import TextEncoderConfig, UNetConfig, VAEConfig
 from sdexport.models.layers import Kernels, set_attention_chunks, set_backend
-from sdexport.models.text_encoder import TextEncoder
+from sdexport.models.text_encoder import TextEncoder, TextEncoderWithProjection
 from sdexport.models.unet import UNet
 from sdexport.models.vae import VAE
 
@@ -43,7 +43,7 @@ class EagerBackend:
         self.unet_module = unet
         self.vae = vae
         self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        self.tokenizers: tuple[ClipTokenizer, ...] = (tokenizer,)
         self.info = info
         self.configs = configs
 
@@ -61,18 +61,21 @@ class EagerBackend:
             if px % unit:
                 raise ValueError(f"{name} must be a multiple of {unit} px for this UNet, got {px}")
 
-    def encode_text(self, ids: Tensor) -> Tensor:
-        return self.text_encoder(ids)  # type: ignore[no-any-return]
+    def encode_text(self, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+        (chunk_ids,) = ids
+        return self.text_encoder(chunk_ids), None
 
-    def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
-        return self.unet_module(x, t, context, weights)  # type: ignore[no-any-return]
+    def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
+             time_ids: Tensor | None = None) -> Tensor:
+        return self.unet_module(x, t, context, weights, text_embeds=text_embeds,  # type: ignore[no-any-return]
+                                time_ids=time_ids)
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.vae.decode(z)
+        return self.vae.decode(z.to(self.vae.dtype)).float()
 
     def encode(self, image: Tensor) -> Tensor:
-        mean, logvar = self.vae.moments(image)
-        return torch.cat([mean, logvar], dim=1)
+        mean, logvar = self.vae.moments(image.to(self.vae.dtype))
+        return torch.cat([mean, logvar], dim=1).float()
 
 
 def _model_hash(path: Path) -> str:
@@ -167,8 +170,19 @@ class StableDiffusion(Pipeline):
         return self.backend.text_encoder
 
     @property
+    def text_encoder_2(self) -> TextEncoderWithProjection | None:
+        """SDXL's second encoder (OpenCLIP bigG with projection); None for SD 1.x/2.x."""
+        return None
+
+    @property
+    def tokenizers(self) -> tuple[ClipTokenizer, ...]:
+        """One tokenizer per text encoder, in order."""
+        return self.backend.tokenizers
+
+    @property
     def tokenizer(self) -> ClipTokenizer:
-        return self.backend.tokenizer
+        """The first tokenizer (SD 1.x/2.x: the only one)."""
+        return self.backend.tokenizers[0]
 
     @property
     def info(self) -> ModelInfo:
