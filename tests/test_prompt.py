@@ -127,10 +127,11 @@ def test_a1111_syntax(prompt: str, expected: list[tuple[str, float]]) -> None:
         (r"\[x\]", [("[x]", 1.0)]),
         (r"a \(b\) (c)", [("a (b) ", 1.0), ("c", UP)]),
         (r"(\(x\))", [("(x)", UP)]),
-        (r"(a\:1.5)", [("a:1.5", UP)]),
+        # A1111: a backslash that escapes nothing is dropped, so ``\:`` does not stop ``:1.5)``.
+        (r"(a\:1.5)", [("a", 1.5)]),
         (r"a\\b", [("a\\b", 1.0)]),
-        (r"a\nb \q", [("a\\nb \\q", 1.0)]),
-        ("trailing\\", [("trailing\\", 1.0)]),
+        (r"a\nb \q", [("anb q", 1.0)]),
+        ("trailing\\", [("trailing", 1.0)]),
         (r"\\(x)", [("\\", 1.0), ("x", UP)]),
     ],
 )
@@ -141,21 +142,23 @@ def test_escapes(prompt: str, expected: list[tuple[str, float]]) -> None:
 @pytest.mark.parametrize(
     ("prompt", "expected"),
     [
-        ("(a", [("(a", 1.0)]),
+        # A1111: an open bracket never closed applies to the rest; a stray closer is text;
+        # mismatched brackets each apply from their opening to their closing.
+        ("(a", [("a", UP)]),
         ("a)", [("a)", 1.0)]),
-        ("[a", [("[a", 1.0)]),
+        ("[a", [("a", DOWN)]),
         ("a]", [("a]", 1.0)]),
-        ("((a)", [("(", 1.0), ("a", UP)]),
+        ("((a)", [("a", UP * UP)]),
         ("(a))", [("a", UP), (")", 1.0)]),
-        ("(a]", [("(a]", 1.0)]),
-        ("(a [b) c]", [("a [b", UP), (" c]", 1.0)]),
-        ("[a (b] c)", [("a (b", DOWN), (" c)", 1.0)]),
-        (")(", [(")(", 1.0)]),
+        ("(a]", [("a]", UP)]),
+        ("(a [b) c]", [("a ", UP), ("b", UP * DOWN), (" c", DOWN)]),
+        ("[a (b] c)", [("a ", DOWN), ("b", DOWN * UP), (" c", UP)]),
+        (")(", [(")", 1.0)]),
         ("cat):1.5", [("cat):1.5", 1.0)]),
-        ("(a:1.5", [("(", 1.0), ("a", 1.5)]),  # the word rule still applies
+        ("(a:1.5", [("a", 1.5 * UP)]),  # the word rule still applies
     ],
 )
-def test_unbalanced_brackets_are_literal(prompt: str, expected: list[tuple[str, float]]) -> None:
+def test_unbalanced_brackets(prompt: str, expected: list[tuple[str, float]]) -> None:
     got = parse_prompt(prompt)
     assert got == approx_segments(_merge(expected))
 
@@ -188,7 +191,9 @@ def test_adjacent_equal_weights_merge() -> None:
 
 def test_pathological_inputs_are_fast() -> None:
     n = 5000
-    assert parse_prompt("[" * n + ")" * n) == [("[" * n + ")" * n, 1.0)]
+    [(text, weight)] = parse_prompt("[" * n + ")" * n)  # n unclosed '[' over n stray ')'
+    assert text == ")" * n and weight == pytest.approx(DOWN**n)
+    assert len(parse_prompt("(a" * n + ")" * n)) == n  # ranges of every length: still fast
     assert parse_prompt("(a)" * n) == [("a" * n, UP)]
     assert len(parse_prompt("(" * 300 + "a" + ")" * 300)) == 1
 
