@@ -1,15 +1,15 @@
 """text2img / img2img / inpaint on any `Backend`, with classifier-free guidance and prompt emphasis.
 
-The loop follows diffusers' StableDiffusion{,Img2Img,Inpaint}Pipeline step for step so that the
-same weights, noise and scheduler give the same images (tests/test_pipeline.py holds us to it).
-Random draws happen on the CPU from one generator per image, in the order diffusers uses with a
-list of generators: VAE-encoder sample, initial noise, masked-image sample, then sampler noise.
+The loop follows diffusers' StableDiffusion{,XL}{,Img2Img,Inpaint}Pipeline step for step so that the
+same weights, noise and scheduler give the same images (tests/test_pipeline.py and
+tests/test_sdxl_pipeline.py hold us to it). Random draws happen on the CPU from one generator per image,
+in the order diffusers uses with a list of generators: VAE-encoder sample, initial noise, masked-image
+sample, then sampler noise. SDXL's added conditioning: runtime/conditioning.py.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -20,13 +20,15 @@ from PIL import Image
 from torch import Tensor
 
 from runtime.backend import Backend
+from runtime.conditioning import Size, SizeConditioning, TextConditioning, add_time_ids, default_scheduler, encode_text
+from runtime.inputs import ImageInput, batch_from, prompt_lists, repeat, seeds, to_image_tensor, to_mask_tensor
 from runtime.png import Parameters, format_parameters
-from runtime.prompt import encode_prompts
 from runtime.samplers import Callback, ModelFn, get_scheduler, make_schedule, sample
 from runtime.schedulers import Schedule, SchedulerConfig, add_noise, initial_latents
 
+__all__ = ["ImageInput", "Output", "Pipeline", "StepCallback", "to_image_tensor", "to_mask_tensor"]
+
 Output = Literal["pil", "tensor"]
-ImageInput = Image.Image | Sequence[Image.Image] | Tensor
 StepCallback = Callable[[int, int], None]  # (model calls done, total) after each model call
 Shape = tuple[int, int, int, int]
 
@@ -43,6 +45,8 @@ class _Job:
     scheduler: str
     eta: float
     strength: float
+    size: SizeConditioning  # SDXL added conditioning (checked against the model)
+    text2img: bool
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,13 @@ class _Conditioning:
 
 
 class Pipeline:
-    """Generates images with a backend. `low_ram` runs the two CFG halves one after the other."""
+    """Generates images with a backend. `low_ram` runs the two CFG halves one after the other.
+
+    SDXL keyword arguments (None = the reference's default; SD 1.x/2.x models refuse them):
+    original_size / target_size (h, w; default the image size), crops_coords_top_left (y, x; (0, 0)),
+    their negative_* forms (base), aesthetic_score / negative_aesthetic_score (refiner; 6.0 / 2.5).
+    `scheduler` None: the model's default (SDXL: euler; SD 1.x/2.x: ddim).
+    """
 
     def __init__(self, backend: Backend, low_ram: bool = False) -> None:
         self.backend = backend
@@ -72,15 +82,26 @@ class Pipeline:
         height: int = 512,
         width: int = 512,
         seed: int | Sequence[int] | None = None,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         eta: float = 0.0,
         batch_size: int = 1,
         latents: Tensor | None = None,
         output: Output = "pil",
         progress: StepCallback | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
     ) -> list[Image.Image] | Tensor:
+        size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                                negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                                negative_aesthetic_score)
         job = self._job(prompt, negative_prompt, steps, scale, height, width, seed, scheduler, eta,
-                        batch_size, 1.0)
+                        batch_size, 1.0, size, text2img=True)
         return self._generate(job, None, None, latents, output, progress)
 
     def img2img(
@@ -93,17 +114,28 @@ class Pipeline:
         steps: int = 28,
         scale: float = 7.5,
         seed: int | Sequence[int] | None = None,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         eta: float = 0.0,
         batch_size: int = 1,
         output: Output = "pil",
         progress: StepCallback | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
     ) -> list[Image.Image] | Tensor:
+        size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                                negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                                negative_aesthetic_score)
         img = to_image_tensor(image, "image")
-        batch_size = _batch_from(img, batch_size)
+        batch_size = batch_from(img, batch_size)
         job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
-                        scheduler, eta, batch_size, strength)
-        return self._generate(job, _repeat(img, batch_size), None, None, output, progress)
+                        scheduler, eta, batch_size, strength, size, text2img=False)
+        return self._generate(job, repeat(img, batch_size), None, None, output, progress)
 
     def inpaint(
         self,
@@ -116,29 +148,40 @@ class Pipeline:
         steps: int = 28,
         scale: float = 7.5,
         seed: int | Sequence[int] | None = None,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         eta: float = 0.0,
         batch_size: int = 1,
         latents: Tensor | None = None,
         output: Output = "pil",
         progress: StepCallback | None = None,
+        original_size: Size | None = None,
+        crops_coords_top_left: Size | None = None,
+        target_size: Size | None = None,
+        negative_original_size: Size | None = None,
+        negative_crops_coords_top_left: Size | None = None,
+        negative_target_size: Size | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
     ) -> list[Image.Image] | Tensor:
+        size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                                negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                                negative_aesthetic_score)
         img = to_image_tensor(image, "image")
         msk = to_mask_tensor(mask)
         if msk.shape[2:] != img.shape[2:]:
             raise ValueError(f"mask size {tuple(msk.shape[2:])} (h, w) does not match image size "
                              f"{tuple(img.shape[2:])}")
-        batch_size = _batch_from(img, batch_size)
+        batch_size = batch_from(img, batch_size)
         job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
-                        scheduler, eta, batch_size, strength)
-        return self._generate(job, _repeat(img, batch_size), _repeat(msk, batch_size), latents, output,
+                        scheduler, eta, batch_size, strength, size, text2img=False)
+        return self._generate(job, repeat(img, batch_size), repeat(msk, batch_size), latents, output,
                               progress)
 
     # ---- validation -------------------------------------------------------------------------
     def _job(self, prompt: str | Sequence[str], negative: str | Sequence[str], steps: int, scale: float,
-             height: int, width: int, seed: int | Sequence[int] | None, scheduler: str, eta: float,
-             batch_size: int, strength: float) -> _Job:
-        prompts, negatives = _prompt_lists(prompt, negative, batch_size)
+             height: int, width: int, seed: int | Sequence[int] | None, scheduler: str | None, eta: float,
+             batch_size: int, strength: float, size: SizeConditioning, text2img: bool) -> _Job:
+        prompts, negatives = prompt_lists(prompt, negative, batch_size)
         n = len(prompts)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -149,11 +192,12 @@ class Pipeline:
                 raise ValueError(f"{name} must be a positive multiple of 8 pixels, got {px!r}")
         if not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be within [0, 1], got {strength!r}")
+        scheduler = default_scheduler(self.backend.info) if scheduler is None else scheduler
         get_scheduler(scheduler)  # raises on an unknown name
         if not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        return _Job(prompts, negatives, steps, float(scale), height, width, _seeds(seed, n), scheduler,
-                    float(eta), float(strength))
+        return _Job(prompts, negatives, steps, float(scale), height, width, seeds(seed, n), scheduler,
+                    float(eta), float(strength), size.checked(self.backend.info), text2img)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _generate(self, job: _Job, image: Tensor | None, mask: Tensor | None, latents: Tensor | None,
@@ -165,10 +209,10 @@ class Pipeline:
         schedule = make_schedule(job.scheduler, SchedulerConfig.from_dict(self.backend.info.scheduler_config),
                                  job.steps, job.strength)
         gens = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
-        context, weights = self._encode_prompts(job, guided)
+        text = self._encode_prompts(job, guided)
         noise, cond = self._draw_latents(job, image, mask, latents, gens, shape)
         x = initial_latents(schedule, noise, cond.start)
-        model = self._guided_model(job.scale if guided else None, context, weights, cond.unet_extra)
+        model = self._guided_model(job.scale if guided else None, text, cond.unet_extra)
         blend = None if cond.blend is None else _inpaint_blend(schedule, cond.blend, noise)
         callback = _step_callback(schedule.num_steps, progress, blend)
 
@@ -218,24 +262,23 @@ class Pipeline:
         masked_latents = self._encode_image(masked, gens) * info.scaling_factor
         return noise, _Conditioning(start, unet_extra=torch.cat([latent_mask, masked_latents], dim=1))
 
-    def _guided_model(self, scale: float | None, context: Tensor, weights: Tensor,
-                      extra: Tensor | None) -> ModelFn:
+    def _guided_model(self, scale: float | None, text: TextConditioning, extra: Tensor | None) -> ModelFn:
         """The UNet as the sampler calls it: extra input channels appended, classifier-free guidance
         (Ho & Salimans 2022) ``uncond + scale (cond - uncond)`` unless ``scale`` is None."""
         be = self.backend
-        n = context.shape[0] // (1 if scale is None else 2)
+        n = text.context.shape[0] // (1 if scale is None else 2)
 
         def model(x: Tensor, t: Tensor) -> Tensor:
             x_in = x if extra is None else torch.cat([x, extra], dim=1)
             t = t.to(be.device)
             x_in = x_in.to(be.dtype)
             if scale is None:
-                return be.unet(x_in, t, context, weights).float()
+                return text.unet(be, x_in, t).float()
             if self.sequential_cfg:
-                uncond = be.unet(x_in, t, context[:n], weights[:n]).float()
-                cond = be.unet(x_in, t, context[n:], weights[n:]).float()
+                uncond = text.rows(slice(None, n)).unet(be, x_in, t).float()
+                cond = text.rows(slice(n, None)).unet(be, x_in, t).float()
             else:
-                uncond, cond = be.unet(torch.cat([x_in, x_in]), t, context, weights).float().chunk(2)
+                uncond, cond = text.unet(be, torch.cat([x_in, x_in]), t).float().chunk(2)
             return uncond + scale * (cond - uncond)
 
         return model
@@ -249,15 +292,15 @@ class Pipeline:
             return images
         return [self._to_pil(img, job, i) for i, img in enumerate(images)]
 
-    def _encode_prompts(self, job: _Job, guided: bool) -> tuple[Tensor, Tensor]:
-        """-> context (N, 77k, D) and token weights (N, 77k): rows [negatives; prompts] if guided, else prompts."""
-        be = self.backend
-        encoded = encode_prompts(be.tokenizers[0], [*job.negatives, *job.prompts] if guided else job.prompts)
-        ids = torch.stack([e.ids for e in encoded]).to(be.device)  # (N, 77k)
-        weights = torch.stack([e.weights for e in encoded]).to(be.device, be.dtype)
-        with torch.inference_mode():
-            ctx, _ = be.encode_text([ids.reshape(-1, 77)])  # each 77-token chunk encoded on its own
-        return ctx.reshape(ids.shape[0], ids.shape[1], -1), weights
+    def _encode_prompts(self, job: _Job, guided: bool) -> TextConditioning:
+        """Rows [negatives; prompts] if guided, else prompts; empty negatives are zeros where the model
+        says so (force_zeros_for_empty_prompt)."""
+        info = self.backend.info
+        texts = [*job.negatives, *job.prompts] if guided else job.prompts
+        negatives = len(job.negatives) if guided else 0
+        zero = [i < negatives and info.force_zeros_for_empty_prompt and not t for i, t in enumerate(texts)]
+        text = encode_text(self.backend, texts, zero)
+        return add_time_ids(text, info, job.size, job.height, job.width, job.text2img, negatives)
 
     def _encode_image(self, image: Tensor, gens: list[torch.Generator]) -> Tensor:
         """A posterior sample of `image` (in [-1, 1]), one draw per image from its generator."""
@@ -301,90 +344,7 @@ def _step_callback(total: int, progress: StepCallback | None, blend: Callback | 
     return callback
 
 
-def _prompt_lists(prompt: str | Sequence[str], negative: str | Sequence[str],
-                  batch_size: int) -> tuple[list[str], list[str]]:
-    """One prompt and one negative prompt per image."""
-    if isinstance(prompt, str):
-        prompts = [prompt] * batch_size
-    else:
-        prompts = list(prompt)
-        if batch_size not in (1, len(prompts)):
-            raise ValueError(f"got {len(prompts)} prompts but batch_size={batch_size}")
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompt must be a string or a non-empty list of strings")
-    n = len(prompts)
-    negatives = [negative] * n if isinstance(negative, str) else list(negative)
-    if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
-        raise ValueError(f"negative_prompt must be a string or a list of {n} strings")
-    return prompts, negatives
-
-
-def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
-    if seed is None:
-        base = secrets.randbelow(2**32)
-        return [(base + i) % 2**64 for i in range(n)]
-    if isinstance(seed, int):
-        if isinstance(seed, bool):
-            raise ValueError(f"seed must be an int or a list of {n} ints, got {seed!r}")
-        return [seed + i for i in range(n)]  # A1111 convention: consecutive seeds in a batch
-    seeds = list(seed)
-    if len(seeds) != n or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seed must be an int or a list of {n} ints, got {seed!r}")
-    return seeds
-
-
 def _draw(gens: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
     """One standard-normal draw per image from its own CPU generator, float32."""
     one = (1, *shape[1:])
     return torch.cat([torch.randn(one, generator=g, dtype=torch.float32) for g in gens])
-
-
-def _batch_from(img: Tensor, batch_size: int) -> int:
-    if img.shape[0] > 1 and batch_size not in (1, img.shape[0]):
-        raise ValueError(f"got {img.shape[0]} images but batch_size={batch_size}")
-    return max(batch_size, img.shape[0])
-
-
-def _repeat(t: Tensor, n: int) -> Tensor:
-    return t if t.shape[0] == n else t.expand(n, *t.shape[1:]).contiguous()
-
-
-def to_image_tensor(image: ImageInput, what: str) -> Tensor:
-    """PIL image(s) or a tensor (B, 3, H, W) / (3, H, W) in [0, 1] -> float32 (B, 3, H, W)."""
-    if isinstance(image, Tensor):
-        t = image.detach().float().cpu()
-        if t.dim() == 3:
-            t = t.unsqueeze(0)
-        if t.dim() != 4 or t.shape[1] != 3:
-            raise ValueError(f"{what} tensor must be (B, 3, H, W) or (3, H, W), got {tuple(image.shape)}")
-        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-            raise ValueError(f"{what} tensor values must be finite and within [0, 1]")
-    else:
-        pics = [image] if isinstance(image, Image.Image) else list(image)
-        if not pics or not all(isinstance(p, Image.Image) for p in pics):
-            raise ValueError(f"{what} must be a PIL image, a list of them, or a tensor")
-        if len({p.size for p in pics}) != 1:
-            raise ValueError(f"all {what}s must have the same size")
-        arrs = [np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0 for p in pics]
-        t = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
-    if t.shape[2] % 8 or t.shape[3] % 8:
-        raise ValueError(f"{what} height and width must be multiples of 8, got {t.shape[2]}x{t.shape[3]}")
-    return t
-
-
-def to_mask_tensor(mask: ImageInput) -> Tensor:
-    """PIL mask(s) (white = repaint) or a tensor (B, 1, H, W) / (H, W) in [0, 1] -> (B, 1, H, W)."""
-    if isinstance(mask, Tensor):
-        t = mask.detach().float().cpu()
-        while t.dim() < 4:
-            t = t.unsqueeze(0)
-        if t.shape[1] != 1:
-            raise ValueError(f"mask tensor must be (B, 1, H, W), (1, H, W) or (H, W), got {tuple(mask.shape)}")
-        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-            raise ValueError("mask tensor values must be finite and within [0, 1]")
-        return t
-    pics = [mask] if isinstance(mask, Image.Image) else list(mask)
-    if not pics or not all(isinstance(p, Image.Image) for p in pics):
-        raise ValueError("mask must be a PIL image, a list of them, or a tensor")
-    arrs = [np.asarray(p.convert("L"), dtype=np.float32) / 255.0 for p in pics]
-    return torch.from_numpy(np.stack(arrs)).unsqueeze(1)

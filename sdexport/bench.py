@@ -138,14 +138,16 @@ class DiffusersBackend:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        cfgs = sd.configs
+        cfgs, text_encoder = sd.configs, sd.text_encoder
+        if cfgs.text_encoder is None or text_encoder is None or sd.text_encoder_2 is not None:
+            raise ValueError("the diffusers comparison backend covers SD 1.x/2.x only")
         unet: Any = UNet2DConditionModel(**cfgs.unet)  # type: ignore[no-untyped-call]
         vae: Any = AutoencoderKL(**cfgs.vae)  # type: ignore[no-untyped-call]
         text: Any = CLIPTextModel(CLIPTextConfig(**cfgs.text_encoder))
         unet.load_state_dict(sd.unet.state_dict())
         vae.load_state_dict(sd.vae.state_dict())
         # transformers 4 nests the modules under text_model; 5 does not (our keys follow 5)
-        getattr(text, "text_model", text).load_state_dict(sd.text_encoder.state_dict(), strict=False)
+        getattr(text, "text_model", text).load_state_dict(text_encoder.state_dict(), strict=False)
         dev, dt = sd.backend.device, sd.backend.dtype
         for m in (unet, vae, text):
             m.to(dev, dt).eval()

@@ -16,13 +16,17 @@ from runtime.pipeline import Pipeline
 from runtime.tokenizer import ClipTokenizer
 from sdexport.export.build import BuildOptions, build
 from sdexport.export.modules import pixel_multiple
-from sdexport.loading import PAD_TOKEN, Checkpoint, load_checkpoint
+from sdexport.loading import PAD_TOKENS, Checkpoint, load_checkpoint, pipeline_defaults
 from sdexport.loading.errors import load_strict
 from sdexport.models.config import TextEncoderConfig, UNetConfig, VAEConfig
 from sdexport.models.layers import Kernels, set_attention_chunks, set_backend
 from sdexport.models.text_encoder import TextEncoder, TextEncoderWithProjection
 from sdexport.models.unet import UNet
 from sdexport.models.vae import VAE
+
+TextModule = TextEncoder | TextEncoderWithProjection
+XL_FAMILIES = ("sdxl", "sdxl-refiner")
+_XL_TIME_IDS = {"sdxl": 6, "sdxl-refiner": 5}
 
 
 @dataclass(frozen=True)
@@ -32,18 +36,22 @@ class SourceConfigs:
 
     unet: dict[str, Any]
     vae: dict[str, Any]
-    text_encoder: dict[str, Any]
+    text_encoder: dict[str, Any] | None  # None: the SDXL refiner (encoder 2 only)
+    text_encoder_2: dict[str, Any] | None = None  # SDXL only
 
 
 class EagerBackend:
-    """A `runtime.backend.Backend` over the eager modules."""
+    """A `runtime.backend.Backend` over the eager modules: one tokenizer per text encoder; an encoder with
+    projection (SDXL's encoder 2) gives the pooled embedding."""
 
-    def __init__(self, unet: UNet, vae: VAE, text_encoder: TextEncoder, tokenizer: ClipTokenizer,
-                 info: ModelInfo, configs: SourceConfigs) -> None:
+    def __init__(self, unet: UNet, vae: VAE, text_encoders: tuple[TextModule, ...],
+                 tokenizers: tuple[ClipTokenizer, ...], info: ModelInfo, configs: SourceConfigs) -> None:
+        if len(text_encoders) != len(tokenizers):
+            raise ValueError(f"{len(text_encoders)} text encoders but {len(tokenizers)} tokenizers")
         self.unet_module = unet
         self.vae = vae
-        self.text_encoder = text_encoder
-        self.tokenizers: tuple[ClipTokenizer, ...] = (tokenizer,)
+        self.text_encoders = text_encoders
+        self.tokenizers: tuple[ClipTokenizer, ...] = tokenizers
         self.info = info
         self.configs = configs
 
@@ -62,8 +70,17 @@ class EagerBackend:
                 raise ValueError(f"{name} must be a multiple of {unit} px for this UNet, got {px}")
 
     def encode_text(self, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-        (chunk_ids,) = ids
-        return self.text_encoder(chunk_ids), None
+        if len(ids) != len(self.text_encoders):
+            raise ValueError(f"encode_text: {len(ids)} id tensors for {len(self.text_encoders)} text encoders")
+        contexts: list[Tensor] = []
+        pooled: Tensor | None = None
+        for encoder, chunk_ids in zip(self.text_encoders, ids, strict=True):
+            if isinstance(encoder, TextEncoderWithProjection):
+                context, pooled = encoder(chunk_ids)
+            else:
+                context = encoder(chunk_ids)
+            contexts.append(context)
+        return torch.cat(contexts, dim=-1), pooled
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
              time_ids: Tensor | None = None) -> Tensor:
@@ -76,6 +93,56 @@ class EagerBackend:
     def encode(self, image: Tensor) -> Tensor:
         mean, logvar = self.vae.moments(image.to(self.vae.dtype))
         return torch.cat([mean, logvar], dim=1).float()
+
+
+def _text_encoders(family: str, text_config: Mapping[str, Any] | None, text_config_2: Mapping[str, Any] | None,
+                   clip_skip: int) -> tuple[TextModule, ...]:
+    """SD 1.x/2.x: encoder 1 (final-normed, A1111 clip skip). SDXL: both encoders' un-normed hidden state
+    `clip_skip` layers below the penultimate (diffusers' hidden_states[-(clip_skip + 1)]); refiner: encoder 2."""
+    xl = family in XL_FAMILIES
+    if family not in (*XL_FAMILIES, "sd1", "sd2"):
+        raise ValueError(f"unknown model family {family!r}; expected sd1, sd2, sdxl or sdxl-refiner")
+    if (text_config_2 is not None) != xl:
+        raise ValueError(f"text_config_2 (SDXL's encoder 2) is {'required' if xl else 'not taken'} for {family}")
+    if bool(text_config) != (family != "sdxl-refiner"):
+        raise ValueError(f"text_config (encoder 1) is {'not taken' if text_config else 'required'} for {family}")
+    skip, norm = (clip_skip + 1, False) if xl else (clip_skip, True)
+    encoders: list[TextModule] = []
+    if text_config:
+        encoders.append(TextEncoder(TextEncoderConfig.from_transformers(text_config, skip, norm)))
+    if text_config_2 is not None:
+        encoders.append(TextEncoderWithProjection(TextEncoderConfig.from_transformers(text_config_2, skip, norm)))
+    return tuple(encoders)
+
+
+def _time_ids(family: str, unet: UNet, text_config_2: Mapping[str, Any] | None) -> int:
+    """The number of SDXL time ids the UNet takes (checked against the family)."""
+    cfg = unet.config
+    if not cfg.text_time or text_config_2 is None:
+        if family in XL_FAMILIES:
+            raise ValueError(f"a {family} UNet needs addition_embed_type='text_time'")
+        return 0
+    assert cfg.projection_class_embeddings_input_dim is not None and cfg.addition_time_embed_dim is not None
+    extra = cfg.projection_class_embeddings_input_dim - int(text_config_2.get("projection_dim", 512))
+    n = extra // cfg.addition_time_embed_dim
+    if n * cfg.addition_time_embed_dim != extra or n != _XL_TIME_IDS[family]:
+        raise ValueError(f"the UNet's added embedding takes {extra / cfg.addition_time_embed_dim:g} time ids; "
+                         f"{family} takes {_XL_TIME_IDS[family]}")
+    return n
+
+
+def _tokenizers(family: str, folders: tuple[Path | None, ...]) -> tuple[ClipTokenizer, ...]:
+    return tuple(ClipTokenizer.from_folder(folder) if folder is not None else ClipTokenizer.bundled(pad=pad)
+                 for folder, pad in zip(folders, PAD_TOKENS[family], strict=True))
+
+
+def _fix_position_ids(encoder: TextModule) -> None:
+    """transformers' CLIP keeps a non-persistent position_ids buffer, absent from state dicts."""
+    inner = encoder.text_model if isinstance(encoder, TextEncoderWithProjection) else encoder
+    emb: Any = inner.embeddings
+    if getattr(emb, "position_ids", None) is not None and emb.position_ids.is_meta:
+        positions = torch.arange(emb.position_ids.shape[-1]).expand(1, -1)
+        emb.register_buffer("position_ids", positions, persistent=False)
 
 
 def _model_hash(path: Path) -> str:
@@ -94,7 +161,7 @@ def _model_hash(path: Path) -> str:
 
 
 class StableDiffusion(Pipeline):
-    """Eager SD 1.x / 2.x pipeline with fluent setters; `text2img`, `img2img`, `inpaint` as the runtime."""
+    """Eager SD 1.x / 2.x / XL pipeline with fluent setters; `text2img`, `img2img`, `inpaint` as the runtime."""
 
     backend: EagerBackend
 
@@ -112,17 +179,21 @@ class StableDiffusion(Pipeline):
 
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint, clip_skip: int = 1) -> StableDiffusion:
-        sd = cls.from_configs(ck.family, ck.unet_config, ck.vae_config, ck.text_config, ck.scheduler_config,
-                              clip_skip=clip_skip, tokenizer_dir=ck.tokenizer_dir, name=ck.source.stem,
+        sd = cls.from_configs(ck.family, ck.unet_config, ck.vae_config, ck.text_config or None, ck.scheduler_config,
+                              text_config_2=ck.text_config_2, clip_skip=clip_skip, tokenizer_dir=ck.tokenizer_dir,
+                              tokenizer_2_dir=ck.tokenizer_2_dir,
+                              force_zeros_for_empty_prompt=ck.force_zeros_for_empty_prompt, name=ck.source.stem,
                               model_hash=_model_hash(ck.source), device="meta")
         load_strict(sd.unet, ck.unet, "unet")
         load_strict(sd.vae, ck.vae, "vae")
-        load_strict(sd.text_encoder, ck.text_encoder, "text_encoder")
-        # transformers' CLIP keeps a non-persistent position_ids buffer, absent from state dicts
-        emb: Any = sd.text_encoder.embeddings
-        if getattr(emb, "position_ids", None) is not None and emb.position_ids.is_meta:
-            positions = torch.arange(emb.position_ids.shape[-1]).expand(1, -1)
-            emb.register_buffer("position_ids", positions, persistent=False)
+        states = {"text_encoder": ck.text_encoder, "text_encoder_2": ck.text_encoder_2}
+        for name, encoder in (("text_encoder", sd.text_encoder), ("text_encoder_2", sd.text_encoder_2)):
+            if encoder is not None:
+                state = states[name]
+                if state is None:
+                    raise RuntimeError(f"the {ck.family} checkpoint has no {name} weights")
+                load_strict(encoder, state, name)
+                _fix_position_ids(encoder)
         left = [n for m in sd.modules() for n, t in (*m.named_parameters(), *m.named_buffers()) if t.is_meta]
         if left:
             raise RuntimeError(f"tensors left unloaded: {left[:5]}")
@@ -130,26 +201,36 @@ class StableDiffusion(Pipeline):
 
     @classmethod
     def from_configs(cls, family: str, unet_config: Mapping[str, Any], vae_config: Mapping[str, Any],
-                     text_config: Mapping[str, Any], scheduler_config: Mapping[str, Any], *,
-                     clip_skip: int = 1, tokenizer_dir: Path | None = None, name: str = "model",
+                     text_config: Mapping[str, Any] | None, scheduler_config: Mapping[str, Any], *,
+                     text_config_2: Mapping[str, Any] | None = None, clip_skip: int = 1,
+                     tokenizer_dir: Path | None = None, tokenizer_2_dir: Path | None = None,
+                     force_zeros_for_empty_prompt: bool | None = None, name: str = "model",
                      model_hash: str = "", device: str = "cpu") -> StableDiffusion:
-        """Modules from diffusers/transformers config dicts: random weights, or (device="meta")
-        empty ones that `load_strict` then fills by assignment."""
+        """Modules from diffusers/transformers config dicts: random weights, or (device="meta") empty ones
+        that `load_strict` then fills by assignment. SDXL: `text_config_2` is encoder 2's
+        (CLIPTextModelWithProjection); the refiner has no `text_config` (None). Tokenizers: the folders,
+        else the bundled vocabulary with the family's pad tokens. `force_zeros_for_empty_prompt` None:
+        the family's published default."""
         with torch.device(device):
             unet = UNet(UNetConfig.from_diffusers(unet_config))
             vae = VAE(VAEConfig.from_diffusers(vae_config))
-            text = TextEncoder(TextEncoderConfig.from_transformers(text_config, clip_skip))
-        if tokenizer_dir is not None:
-            tokenizer = ClipTokenizer.from_folder(tokenizer_dir)
-        else:
-            tokenizer = ClipTokenizer.bundled(pad=PAD_TOKEN[family])
+            encoders = _text_encoders(family, text_config, text_config_2, clip_skip)
+        folders = (tokenizer_dir, tokenizer_2_dir)[:len(encoders)] if text_config else (tokenizer_2_dir,)
+        tokenizers = _tokenizers(family, folders)
+        xl = family in XL_FAMILIES
+        zeros = pipeline_defaults(family)["force_zeros_for_empty_prompt"]
         info = ModelInfo(family=family, unet_in_channels=unet.config.in_channels,
                          latent_channels=vae.config.latent_channels, scaling_factor=vae.scaling_factor,
-                         scheduler_config=dict(scheduler_config), name=name, hash=model_hash)
-        for m in (unet, vae, text):
+                         scheduler_config=dict(scheduler_config), name=name, hash=model_hash,
+                         time_ids=_time_ids(family, unet, text_config_2),
+                         force_zeros_for_empty_prompt=zeros if force_zeros_for_empty_prompt is None
+                         else force_zeros_for_empty_prompt,
+                         force_upcast=xl and vae.config.force_upcast)
+        for m in (unet, vae, *encoders):
             m.eval().requires_grad_(False)
-        configs = SourceConfigs(dict(unet_config), dict(vae_config), dict(text_config))
-        return cls(EagerBackend(unet, vae, text, tokenizer, info, configs))
+        configs = SourceConfigs(dict(unet_config), dict(vae_config), dict(text_config) if text_config else None,
+                                None if text_config_2 is None else dict(text_config_2))
+        return cls(EagerBackend(unet, vae, encoders, tokenizers, info, configs))
 
     def export(self, out: str | Path, *, overwrite: bool = False, **options: Any) -> Path:
         """Build an artifact (see `sdexport build`); options are `BuildOptions` fields:
@@ -166,13 +247,20 @@ class StableDiffusion(Pipeline):
         return self.backend.vae
 
     @property
-    def text_encoder(self) -> TextEncoder:
-        return self.backend.text_encoder
+    def text_encoder(self) -> TextEncoder | None:
+        """Encoder 1 (CLIP ViT-L for SD 1.x / SDXL, OpenCLIP ViT-H for SD 2.x); None for the SDXL refiner."""
+        first = self.backend.text_encoders[0]
+        return first if isinstance(first, TextEncoder) else None
 
     @property
     def text_encoder_2(self) -> TextEncoderWithProjection | None:
-        """SDXL's second encoder (OpenCLIP bigG with projection); None for SD 1.x/2.x."""
-        return None
+        """SDXL's encoder 2 (OpenCLIP bigG with projection); None for SD 1.x/2.x."""
+        last = self.backend.text_encoders[-1]
+        return last if isinstance(last, TextEncoderWithProjection) else None
+
+    @property
+    def text_encoders(self) -> tuple[TextModule, ...]:
+        return self.backend.text_encoders
 
     @property
     def tokenizers(self) -> tuple[ClipTokenizer, ...]:
@@ -193,12 +281,14 @@ class StableDiffusion(Pipeline):
         return self.backend.configs
 
     def modules(self) -> tuple[torch.nn.Module, ...]:
-        return (self.unet, self.vae, self.text_encoder)
+        return (self.unet, self.vae, *self.text_encoders)
 
     # ---- fluent setters ---------------------------------------------------------------------
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        """Move/cast every module; a `force_upcast` VAE (SDXL's overflows in fp16) stays float32 under float16."""
         for m in self.modules():
-            m.to(device=device, dtype=dtype)
+            keep_fp32 = m is self.vae and dtype == torch.float16 and self.info.force_upcast
+            m.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
         return self
 
     def half(self) -> StableDiffusion:

@@ -91,3 +91,46 @@ def sd2_folder(model_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def inpaint_folder(model_root: Path) -> Path:
     return make_diffusers_folder("sd1-inpaint", model_root)
+
+
+def make_sdxl_folder(kind: str, root: Path, seed: int = 0) -> Path:
+    """Write a diffusers SDXL folder of tiny random models to root/kind: "sdxl" (StableDiffusionXLPipeline,
+    both encoders) or "sdxl-refiner" (StableDiffusionXLImg2ImgPipeline, encoder 2 only, aesthetic score)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from runtime.tokenizer import ClipTokenizer
+
+    folder = root / kind
+    if (folder / "model_index.json").exists():
+        return folder
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**tiny_configs.unet_config(kind))
+    vae = diffusers.AutoencoderKL(**tiny_configs.vae_config(kind))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_configs.text_config_2(kind)))
+    sched = diffusers.EulerDiscreteScheduler.from_config(tiny_configs.scheduler_config(kind))
+    tokenizers = root / f"{kind}-tokenizers"
+    ClipTokenizer.bundled().save_folder(tokenizers / "1")
+    ClipTokenizer.bundled(pad="!").save_folder(tokenizers / "2")
+    tok_2 = CLIPTokenizer.from_pretrained(tokenizers / "2")
+    pipe: Any
+    if kind == "sdxl":
+        text = CLIPTextModel(CLIPTextConfig(**tiny_configs.text_config(kind)))
+        tok = CLIPTokenizer.from_pretrained(tokenizers / "1")
+        pipe = diffusers.StableDiffusionXLPipeline(vae, text, text_2, tok, tok_2, unet, sched, add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae, None, text_2, None, tok_2, unet, sched, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False, add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(model_root: Path) -> Path:
+    return make_sdxl_folder("sdxl", model_root)
+
+
+@pytest.fixture(scope="session")
+def sdxl_refiner_folder(model_root: Path) -> Path:
+    return make_sdxl_folder("sdxl-refiner", model_root)

@@ -33,10 +33,12 @@ from .files import TORCH_SUFFIXES, read_json, read_weights
 
 __all__ = [
     "PAD_TOKEN",
+    "PAD_TOKENS",
     "PREDICTION_TYPES",
     "Checkpoint",
     "family_defaults",
     "load_checkpoint",
+    "pipeline_defaults",
     "published_configs",
 ]
 
@@ -44,9 +46,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 CONFIG_SECTIONS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
 FAMILIES = ("sd1", "sd2", *sgm.FAMILIES)
 DEFAULT_VAE_SCALING = 0.18215
-# The pad token of each family's tokenizer (SD1: CLIP's end-of-text; SD2: OpenCLIP pads with "!"), for
-# the bundled vocabulary when a checkpoint brings no tokenizer folder.
-PAD_TOKEN = {"sd1": "<|endoftext|>", "sd2": "!"}
+# The pad token of each family's tokenizers, one per text encoder (CLIP's end-of-text; OpenCLIP pads with
+# "!": SD2, SDXL's encoder 2), for the bundled vocabulary when a checkpoint brings no tokenizer folder.
+PAD_TOKENS = {"sd1": ("<|endoftext|>",), "sd2": ("!",), "sdxl": ("<|endoftext|>", "!"), "sdxl-refiner": ("!",)}
+PAD_TOKEN = {family: pads[0] for family, pads in PAD_TOKENS.items()}  # the first tokenizer's
 _TEXT_CONFIG_DROP = {"architectures", "transformers_version", "torch_dtype", "dtype"}
 
 
@@ -68,6 +71,9 @@ class Checkpoint:
     # SDXL's encoder 2 (CLIPTextModelWithProjection: ``text_model.*``, ``text_projection.weight``)
     text_encoder_2: dict[str, Tensor] | None = None
     text_config_2: dict[str, Any] | None = None
+    tokenizer_2_dir: Path | None = None  # a diffusers folder's tokenizer_2/; None -> bundled, pad "!"
+    # SDXL pipeline flag (model_index.json); None -> the family's published default (pipeline_defaults)
+    force_zeros_for_empty_prompt: bool | None = None
 
     @property
     def prediction_type(self) -> str:
@@ -421,6 +427,76 @@ def _decide_family(unet_config: Mapping[str, Any], text_config: Mapping[str, Any
     return "sd1"
 
 
+def _has_component(root: Path, index: Mapping[str, Any], name: str) -> bool:
+    """Whether the pipeline has component `name`: the index's entry when present ([null, null] = none)."""
+    if name in index:
+        entry = index[name]
+        return isinstance(entry, list) and bool(entry) and entry[0] is not None
+    return (root / name).is_dir()
+
+
+def _xl_family(root: Path, index: Mapping[str, Any], unet_config: Mapping[str, Any],
+               text_config_2: Mapping[str, Any] | None) -> str:
+    """SDXL base (6 time ids, both encoders) or refiner (5, encoder 2 only), from the UNet's text_time
+    widths: projection_class_embeddings_input_dim = pooled width + n * addition_time_embed_dim."""
+    if text_config_2 is None:
+        raise CheckpointError(f"{root}: the UNet takes SDXL's text_time conditioning, but the folder has no "
+                              "text_encoder_2/ (SDXL base and refiner need encoder 2)")
+    extra = int(unet_config.get("projection_class_embeddings_input_dim") or 0) - int(text_config_2["projection_dim"])
+    per_id = int(unet_config.get("addition_time_embed_dim") or 0)
+    n = extra // per_id if per_id and extra % per_id == 0 else -1
+    has_text_1 = _has_component(root, index, "text_encoder")
+    if n == 6 and has_text_1:
+        family = "sdxl"
+    elif n == 5 and not has_text_1:
+        family = "sdxl-refiner"
+    else:
+        raise CheckpointError(
+            f"{root}: unsupported SDXL layout: the UNet takes {n} time ids (base: 6 with text_encoder/ and "
+            f"text_encoder_2/, refiner: 5 with text_encoder_2/ only) and text_encoder/ is "
+            f"{'present' if has_text_1 else 'absent'}")
+    aesthetics = index.get("requires_aesthetics_score")
+    if aesthetics is not None and bool(aesthetics) != (family == "sdxl-refiner"):
+        raise CheckpointError(f"{root}: model_index.json says requires_aesthetics_score={aesthetics}, but the "
+                              f"UNet takes {n} time ids")
+    return family
+
+
+def pipeline_defaults(family: str) -> dict[str, bool]:
+    """The published pipeline flags of a family (force_zeros_for_empty_prompt, requires_aesthetics_score)."""
+    if family not in sgm.FAMILIES:
+        return {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": False}
+    flags = family_defaults(family, "epsilon").get("pipeline", {})
+    return {"force_zeros_for_empty_prompt": bool(flags.get("force_zeros_for_empty_prompt", False)),
+            "requires_aesthetics_score": bool(flags.get("requires_aesthetics_score", False))}
+
+
+def _text_config(folder: Path, override: Mapping[str, Any] | None) -> dict[str, Any]:
+    config = {k: v for k, v in _diffusers_config(folder).items() if k not in _TEXT_CONFIG_DROP}
+    config.update(override or {})
+    return config
+
+
+def _scheduler_config(root: Path, family: str, prediction_type: str | None,
+                      override: Mapping[str, Any] | None) -> dict[str, Any]:
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    if scheduler_file.exists():
+        config = {k: v for k, v in read_json(scheduler_file).items() if not k.startswith("_")}
+    else:
+        config = family_defaults(family, prediction_type or "epsilon")["scheduler"]
+    config.update(override or {})
+    pred = prediction_type or config.get("prediction_type") or "epsilon"
+    _check_prediction_type(pred)
+    config["prediction_type"] = pred
+    return config
+
+
+def _text_encoder_2(root: Path, variant: str | None) -> dict[str, Tensor]:
+    """Encoder 2 keeps transformers' names (``text_model.*``, ``text_projection.weight``)."""
+    state = _read_component_weights(root / "text_encoder_2", "model", "pytorch_model", variant)
+    return {k: v for k, v in state.items() if k != "text_model.embeddings.position_ids"}
+
+
 def _load_diffusers(
     root: Path, prediction_type: str | None, overrides: dict[str, dict[str, Any]], variant: str | None
 ) -> Checkpoint:
@@ -428,42 +504,52 @@ def _load_diffusers(
     if not index_path.is_file():
         raise CheckpointError(f"{root}: not a diffusers folder (no model_index.json)")
     index = read_json(index_path)
-    if "text_encoder_2" in index or ("unet" not in index and "transformer" in index):
-        raise CheckpointError(f"{root}: only Stable Diffusion 1.x/2.x pipelines are supported (not SDXL/DiT)")
+    if "unet" not in index and "transformer" in index:
+        raise CheckpointError(f"{root}: only Stable Diffusion 1.x/2.x/XL UNet pipelines are supported (not DiT)")
 
-    unet_dir, vae_dir, text_dir = (_component(root, n) for n in ("unet", "vae", "text_encoder"))
+    unet_dir, vae_dir = _component(root, "unet"), _component(root, "vae")
     unet_config = _diffusers_config(unet_dir)
     unet_config.update(overrides.get("unet", {}))
     vae_config = _diffusers_config(vae_dir)
     vae_config.setdefault("scaling_factor", DEFAULT_VAE_SCALING)
     vae_config.update(overrides.get("vae", {}))
-    text_config = {k: v for k, v in _diffusers_config(text_dir).items() if k not in _TEXT_CONFIG_DROP}
-    text_config.update(overrides.get("text_encoder", {}))
-    family = _decide_family(unet_config, text_config)
-
-    scheduler_file = root / "scheduler" / "scheduler_config.json"
-    if scheduler_file.exists():
-        scheduler_config = {k: v for k, v in read_json(scheduler_file).items() if not k.startswith("_")}
+    has_2 = _has_component(root, index, "text_encoder_2")
+    text_config_2 = _text_config(_component(root, "text_encoder_2"), overrides.get("text_encoder_2")) if has_2 else None
+    if unet_config.get("addition_embed_type") == "text_time":
+        family = _xl_family(root, index, unet_config, text_config_2)
+    elif has_2:
+        raise CheckpointError(f"{root}: text_encoder_2/ present but the UNet has no addition_embed_type="
+                              "'text_time' (SDXL); the components do not belong together")
+    text_dir = _component(root, "text_encoder") if _has_component(root, index, "text_encoder") else None
+    text_config = {} if text_dir is None else _text_config(text_dir, overrides.get("text_encoder"))
+    if text_config_2 is None:
+        family = _decide_family(unet_config, text_config)
+        _check_conditioning(unet_config, text_config, str(root))
     else:
-        scheduler_config = family_defaults(family, prediction_type or "epsilon")["scheduler"]
-    scheduler_config.update(overrides.get("scheduler", {}))
-    pred = prediction_type or scheduler_config.get("prediction_type") or "epsilon"
-    _check_prediction_type(pred)
-    scheduler_config["prediction_type"] = pred
+        sgm.check_conditioning(unet_config, text_config or None, text_config_2, str(root))
+    scheduler_config = _scheduler_config(root, family, prediction_type, overrides.get("scheduler"))
 
-    _check_conditioning(unet_config, text_config, str(root))
     errors: list[str] = []
     base = "diffusion_pytorch_model"
     unet = _read_component_weights(unet_dir, base, base, variant)
     vae = _read_component_weights(vae_dir, base, base, variant)
-    text = _normalise_text_keys(_read_component_weights(text_dir, "model", "pytorch_model", variant))
-    # Config problems (unsupported options) and weight mismatches of all three components in one error.
+    text: dict[str, Tensor] = {}
+    if text_dir is not None:
+        text = _normalise_text_keys(_read_component_weights(text_dir, "model", "pytorch_model", variant))
+    text_2 = None if text_config_2 is None else _text_encoder_2(root, variant)
+    # Config problems (unsupported options) and weight mismatches of all components in one error.
     _attempt(errors, lambda: _checked(unet, unet_shapes(unet_config), f"{unet_dir}: UNet"))
     _attempt(errors, lambda: _checked(vae, vae_shapes(vae_config), f"{vae_dir}: VAE"))
-    _attempt(errors, lambda: _checked(text, text_shapes(text_config), f"{text_dir}: text encoder"))
+    if text_dir is not None:
+        _attempt(errors, lambda: _checked(text, text_shapes(text_config), f"{text_dir}: text encoder"))
+    if text_2 is not None and text_config_2 is not None:
+        config_2, state_2 = text_config_2, text_2
+        _attempt(errors, lambda: _checked(state_2, sgm.text_2_shapes(config_2),
+                                          f"{root / 'text_encoder_2'}: text encoder 2"))
     _raise_collected(errors)
 
-    tokenizer = root / "tokenizer"
+    flags = pipeline_defaults(family)
+    tokenizer, tokenizer_2 = root / "tokenizer", root / "tokenizer_2"
     return Checkpoint(
         family=family,
         inpainting=int(unet_config.get("in_channels", 4)) == 9,
@@ -471,9 +557,14 @@ def _load_diffusers(
         vae_config=vae_config,
         text_config=text_config,
         scheduler_config=scheduler_config,
-        tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
+        tokenizer_dir=tokenizer if tokenizer.is_dir() and text_dir is not None else None,
         unet=unet,
         vae=vae,
         text_encoder=text,
         source=root,
+        text_encoder_2=text_2,
+        text_config_2=text_config_2,
+        tokenizer_2_dir=tokenizer_2 if tokenizer_2.is_dir() and has_2 else None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
+                                                    flags["force_zeros_for_empty_prompt"])),
     )
