@@ -8,16 +8,19 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from runtime.backend import ModelInfo
 from runtime.cudagraph import GraphedCall
-from runtime.manifest import DTYPES, ArtifactError, Manifest, read_manifest
+from runtime.manifest import DTYPES, TEXT_ENCODERS, ArtifactError, Manifest, read_manifest
 from runtime.pipeline import Pipeline
 from runtime.tokenizer import ClipTokenizer
 
+Output = Tensor | tuple[Tensor, ...]  # text_encoder_2 returns (context, pooled)
+Program = Callable[..., Any]  # a loaded program, any format
 Call = Callable[..., Tensor]
 
 
@@ -47,7 +50,7 @@ def _load_safetensors(path: Path, device: torch.device) -> dict[str, Tensor]:
     return load_file(str(path), device=str(device))
 
 
-def _pt2(program: Path, weights: Path, device: torch.device) -> Call:
+def _pt2(program: Path, weights: Path, device: torch.device) -> Program:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.load(str(program))
@@ -60,11 +63,11 @@ def _pt2(program: Path, weights: Path, device: torch.device) -> Call:
     for name in ep.constants:
         if name in state:
             ep.constants[name] = state[name]
-    module: Call = ep.module().to(device)
+    module: Program = ep.module().to(device)
     return module
 
 
-def _aoti(program: Path, weights: Path, device: torch.device) -> Call:
+def _aoti(program: Path, weights: Path, device: torch.device) -> Program:
     from torch._inductor import aoti_load_package
 
     compiled = aoti_load_package(str(program))
@@ -79,14 +82,14 @@ def _aoti(program: Path, weights: Path, device: torch.device) -> Call:
     return compiled
 
 
-def _torchscript(program: Path, device: torch.device) -> Call:
+def _torchscript(program: Path, device: torch.device) -> Program:
     with warnings.catch_warnings():  # torch.jit warns that it is deprecated on every call
         warnings.simplefilter("ignore")
-        module: Call = torch.jit.load(str(program), map_location=device)  # type: ignore[no-untyped-call]
+        module: Program = torch.jit.load(str(program), map_location=device)  # type: ignore[no-untyped-call]
     return module
 
 
-def _onnx(program: Path, device: torch.device) -> Call:
+def _onnx(program: Path, device: torch.device) -> Callable[..., Output]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -97,39 +100,45 @@ def _onnx(program: Path, device: torch.device) -> Call:
     session = ort.InferenceSession(str(program), sess_options=opts, providers=providers)
     names = [i.name for i in session.get_inputs()]
 
-    def run(*args: Tensor) -> Tensor:
+    def run(*args: Tensor) -> Output:
         feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)}
-        out = session.run(None, feeds)[0]
-        return torch.from_numpy(out).to(device)
+        outs = [torch.from_numpy(o).to(device) for o in session.run(None, feeds)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     return run
 
 
+def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device) -> Program:
+    program = root / files["program"]
+    if fmt == "pt2":
+        return _pt2(program, root / files["weights"], device)
+    if fmt == "aoti":
+        return _aoti(program, root / files["weights"], device)
+    if fmt == "torchscript":
+        return _torchscript(program, device)
+    return _onnx(program, device)
+
+
 class ArtifactBackend:
-    """A `Backend` over the four compiled modules of an artifact."""
+    """A `Backend` over the compiled modules of an artifact (`runtime.manifest.modules_for` its family)."""
 
     def __init__(self, root: Path, m: Manifest, device: torch.device, cuda_graphs: bool) -> None:
         self.manifest = m
         self.device = device
         self.dtype = DTYPES[m.dtype]
+        self.vae_dtype = DTYPES[m.vae_dtype_name]  # float32 in a half build of a force_upcast model
         self.info = ModelInfo(family=m.family, unet_in_channels=m.unet_in_channels,
                               latent_channels=m.latent_channels, scaling_factor=m.scaling_factor,
-                              scheduler_config=m.scheduler_config, name=m.model_name, hash=m.model_hash)
-        tokenizer = ClipTokenizer.from_json((root / m.tokenizer).read_text(encoding="utf-8"))
-        self.tokenizers: tuple[ClipTokenizer, ...] = (tokenizer,)
-        calls: dict[str, Call] = {}
-        for name, files in m.modules.items():
-            program = root / files["program"]
-            if m.format == "pt2":
-                calls[name] = _pt2(program, root / files["weights"], device)
-            elif m.format == "aoti":
-                calls[name] = _aoti(program, root / files["weights"], device)
-            elif m.format == "torchscript":
-                calls[name] = _torchscript(program, device)
-            else:
-                calls[name] = _onnx(program, device)
-        self._text, self._decode, self._encode = calls["text_encoder"], calls["vae_decoder"], calls["vae_encoder"]
-        unet = calls["unet"]
+                              scheduler_config=m.scheduler_config, name=m.model_name, hash=m.model_hash,
+                              time_ids=m.time_ids, force_zeros_for_empty_prompt=m.force_zeros_for_empty_prompt,
+                              force_upcast=m.force_upcast)
+        self.tokenizers = tuple(ClipTokenizer.from_json((root / f).read_text(encoding="utf-8"))
+                                for f in m.tokenizer_files)
+        calls = {name: _load(m.format, root, files, device) for name, files in m.modules.items()}
+        self._encoders = [(name, calls[name]) for name in TEXT_ENCODERS[m.family]]
+        self._decode: Call = calls["vae_decoder"]
+        self._encode: Call = calls["vae_encoder"]
+        unet: Call = calls["unet"]
         # onnxruntime runs outside torch's stream, so only torch formats can be captured
         graphed = cuda_graphs and device.type == "cuda" and m.format != "onnx"
         self._unet: Call = GraphedCall(unet) if graphed else unet
@@ -138,29 +147,57 @@ class ArtifactBackend:
         self.manifest.shapes.check(batch, height, width)
 
     def encode_text(self, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-        (chunk_ids,) = ids
-        rows = 2 * self.manifest.shapes.max_batch * self.manifest.shapes.max_chunks
-        if chunk_ids.shape[0] > rows:
-            raise ValueError(f"prompt too long for this artifact: {chunk_ids.shape[0]} 77-token chunks in the "
-                             f"batch, at most {rows} (max_chunks={self.manifest.shapes.max_chunks})")
-        return self._text(chunk_ids), None
+        """Each encoder's program on its ids; contexts concatenated on D, the pooled output of
+        `text_encoder_2` (SDXL), else None."""
+        if len(ids) != len(self._encoders):
+            raise ValueError(f"{len(ids)} id tensors for the {len(self._encoders)} text encoders of this artifact")
+        shapes = self.manifest.shapes
+        rows = 2 * shapes.max_batch * shapes.max_chunks
+        contexts: list[Tensor] = []
+        pooled: Tensor | None = None
+        for (name, call), chunk_ids in zip(self._encoders, ids, strict=True):
+            if chunk_ids.ndim != 2 or chunk_ids.shape[1] != 77 or chunk_ids.shape[0] != ids[0].shape[0]:
+                raise ValueError(f"{name} takes (N, 77) token ids, the same N for every encoder; got "
+                                 f"{tuple(chunk_ids.shape)}")
+            if chunk_ids.shape[0] > rows:
+                raise ValueError(f"prompt too long for this artifact: {chunk_ids.shape[0]} 77-token chunks in the "
+                                 f"batch, at most {rows} (max_chunks={shapes.max_chunks})")
+            out = call(chunk_ids.to(self.device, torch.long).contiguous())
+            if name == "text_encoder_2":
+                context, pooled = out
+            else:
+                context = out
+            contexts.append(context)
+        return (contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=-1)), pooled
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
              time_ids: Tensor | None = None) -> Tensor:
-        if text_embeds is not None or time_ids is not None:
-            raise ValueError("this artifact's UNet takes no text_embeds / time_ids (SD 1.x/2.x)")
-        chunks = self.manifest.shapes.max_chunks
+        m = self.manifest
+        chunks = m.shapes.max_chunks
         if context.shape[1] > 77 * chunks:
             raise ValueError(f"prompt too long for this artifact: {context.shape[1] // 77} chunks of 75 tokens, "
                              f"at most {chunks} (max_chunks; rebuild with a larger --max-chunks)")
+        if context.shape[2] != m.context_dim:
+            raise ValueError(f"context width {context.shape[2]}, this artifact's UNet takes {m.context_dim}")
         t = t.to(device=self.device, dtype=torch.float32).reshape(1).expand(x.shape[0])
-        return self._unet(*_dense(self.dtype, x), t.contiguous(), *_dense(self.dtype, context, weights))
+        args = (*_dense(self.dtype, x), t.contiguous(), *_dense(self.dtype, context, weights))
+        if not m.time_ids:
+            if text_embeds is not None or time_ids is not None:
+                raise ValueError(f"this artifact's UNet ({m.family}) takes no text_embeds / time_ids (SDXL only)")
+            return self._unet(*args)
+        if text_embeds is None or time_ids is None:
+            raise ValueError(f"this artifact's UNet ({m.family}) needs text_embeds and time_ids")
+        b = x.shape[0]
+        if tuple(text_embeds.shape) != (b, m.pooled_dim) or tuple(time_ids.shape) != (b, m.time_ids):
+            raise ValueError(f"text_embeds must be ({b}, {m.pooled_dim}) and time_ids ({b}, {m.time_ids}), got "
+                             f"{tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
+        return self._unet(*args, *_dense(self.dtype, text_embeds), *_dense(torch.float32, time_ids))
 
     def decode(self, z: Tensor) -> Tensor:
-        return self._decode(*_dense(self.dtype, z)).float()
+        return self._decode(*_dense(self.vae_dtype, z)).float()
 
     def encode(self, image: Tensor) -> Tensor:
-        return self._encode(*_dense(self.dtype, image)).float()
+        return self._encode(*_dense(self.vae_dtype, image)).float()
 
 
 def _dense(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -17,9 +17,23 @@ import torch
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FORMATS = ("aoti", "pt2", "torchscript", "onnx")
+# The text encoder programs of each family, in the order of the backend's tokenizers and ids.
+TEXT_ENCODERS = {
+    "sd1": ("text_encoder",),
+    "sd2": ("text_encoder",),
+    "sdxl": ("text_encoder", "text_encoder_2"),
+    "sdxl-refiner": ("text_encoder_2",),
+}
+FAMILIES = tuple(TEXT_ENCODERS)
+# SD 1.x/2.x modules (what artifacts built before SDXL hold); `modules_for` gives every family's.
 MODULES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # The artifact dtypes, by the names the manifest's `dtype` field holds.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def modules_for(family: str) -> tuple[str, ...]:
+    """The programs of an artifact of `family`: its text encoders, the UNet step, the VAE halves."""
+    return (*TEXT_ENCODERS[family], "unet", "vae_decoder", "vae_encoder")
 
 
 class ArtifactError(RuntimeError):
@@ -65,9 +79,26 @@ class Manifest:
     model_hash: str
     build_options: dict[str, Any]
     modules: dict[str, dict[str, str]]  # module -> {"program": file, "weights": file or ""}
-    tokenizer: str = "tokenizer.json"
+    tokenizer: str = "tokenizer.json"  # text_encoder's tokenizer ("" for the SDXL refiner, which has none)
+    tokenizer_2: str = ""  # text_encoder_2's (SDXL base and refiner)
+    # SDXL fields; the defaults are SD 1.x/2.x's, so manifests written before SDXL read unchanged.
+    time_ids: int = 0  # size/crop (/aesthetic) numbers the UNet takes: 6 (SDXL base), 5 (refiner)
+    pooled_dim: int = 0  # width of the pooled text embedding the UNet takes (SDXL: encoder 2's projection)
+    force_zeros_for_empty_prompt: bool = False
+    force_upcast: bool = False  # the VAE programs stay float32 in a half-precision build
+    vae_dtype: str = ""  # a key of DTYPES; "" (older artifacts): `dtype`
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
+
+    @property
+    def vae_dtype_name(self) -> str:
+        return self.vae_dtype or self.dtype
+
+    @property
+    def tokenizer_files(self) -> tuple[str, ...]:
+        """One tokenizer file per text encoder, in `TEXT_ENCODERS` order."""
+        by_encoder = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
+        return tuple(by_encoder[name] for name in TEXT_ENCODERS[self.family])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -91,8 +122,18 @@ class Manifest:
             raise ArtifactError(f"{where}: manifest.json is incomplete or malformed ({e})") from None
         if m.format not in FORMATS:
             raise ArtifactError(f"{where}: unknown artifact format {m.format!r}")
-        if set(m.modules) != set(MODULES):
-            raise ArtifactError(f"{where}: manifest lists modules {sorted(m.modules)}, expected {list(MODULES)}")
+        if m.family not in TEXT_ENCODERS:
+            raise ArtifactError(f"{where}: unknown model family {m.family!r} (this runtime knows "
+                                f"{', '.join(FAMILIES)}); upgrade the runtime or rebuild the artifact")
+        expected = modules_for(m.family)
+        if set(m.modules) != set(expected):
+            raise ArtifactError(f"{where}: manifest lists modules {sorted(m.modules)}, expected {list(expected)} "
+                                f"for family {m.family}")
+        for name in (m.dtype, m.vae_dtype_name):
+            if name not in DTYPES:
+                raise ArtifactError(f"{where}: unknown dtype {name!r} in manifest.json")
+        if not all(m.tokenizer_files):
+            raise ArtifactError(f"{where}: manifest names no tokenizer for one of {TEXT_ENCODERS[m.family]}")
         return m
 
 
@@ -131,7 +172,7 @@ def verify_files(root: Path, m: Manifest) -> None:
             problems.append(f"missing file {rel}")
         elif sha256_file(p) != digest:
             problems.append(f"checksum mismatch in {rel} (corrupt, truncated or modified)")
-    needed = {m.tokenizer} | {f for mod in m.modules.values() for f in mod.values() if f}
+    needed = set(m.tokenizer_files) | {f for mod in m.modules.values() for f in mod.values() if f}
     problems += [f"manifest does not hash {rel}" for rel in sorted(needed - set(m.files))]
     if problems:
         raise ArtifactError(f"{root}: artifact failed verification: " + "; ".join(problems))

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_check.sh sanitizer    # compute-sanitizer memcheck + racecheck, one tiny call per kernel path
 #   bash scripts/gpu_check.sh microbench   # op micro-benchmarks (fp16, bf16) vs composites and SDPA's best backend
 #   bash scripts/gpu_check.sh bench        # sdexport bench sd15 / sd21-768 (fp16, random weights)
+#   bash scripts/gpu_check.sh bench-sdxl   # sdexport bench sdxl: UNet step at 1024 px CFG batch 2, VAE, image
 #   bash scripts/gpu_check.sh aoti         # SD 1.5 --half AOTInductor build, cold start, bench, profile
 #   bash scripts/gpu_check.sh formats      # build time and cold start per format (medium preset)
 #
@@ -121,7 +122,7 @@ fi
 
 # Pipeline benchmarks (sdexport bench), random weights at the published sizes, fp16.  diffusers rows
 # need the diffusers wheel carried in .whl/ (scripts/fetch_gpu_wheels.sh, carry=[".whl"]).
-if want bench || want aoti || want formats; then
+if want bench || want bench-sdxl || want aoti || want formats; then
   if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
       && export PYTHONPATH="/tmp/site:$PYTHONPATH"
@@ -133,6 +134,13 @@ if want bench; then
   step "bench sd21-768: fp16, 768 px"
   run 200 "$PY" -m sdexport.cli bench sd21-768 --device cuda --half --steps 30 --repeat 5 --backends sdpa,fused \
     --no-diffusers --json "$RES/bench_sd21_768.json"
+fi
+# SDXL base (#11): its own phase, so that each phase fits one call.  Goal: UNet step <= 25 ms on an
+# H100-class GPU.  The VAE runs in fp32 (force_upcast), as diffusers' SDXL pipeline does.
+if want bench-sdxl; then
+  step "bench sdxl: fp16, 1024 px, CFG batch 2, 30 steps (eager sdpa / fused, diffusers)"
+  run 420 "$PY" -m sdexport.cli bench sdxl --device cuda --half --steps 30 --repeat 10 --backends sdpa,fused \
+    --json "$RES/bench_sdxl.json"
 fi
 if want aoti; then
   step "build sd15 aoti --half (512 px, batch 1)"

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from runtime.manifest import FORMATS
+from runtime.manifest import FORMATS, modules_for
 from runtime.samplers import SCHEDULER_NAMES
 from sdexport.bench import BenchOptions
 from sdexport.export.build import DEVICES, KERNELS, BuildOptions
@@ -40,10 +40,10 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _stage_bar(label: str) -> tuple[Callable[[str], None], Callable[[], None]]:
+def _stage_bar(label: str, total: int) -> tuple[Callable[[str], None], Callable[[], None]]:
     from tqdm import tqdm
 
-    bar = tqdm(total=4, desc=label, unit="module")
+    bar = tqdm(total=total, desc=label, unit="module")
 
     def step(name: str) -> None:
         if bar.n or bar.desc != label:
@@ -72,8 +72,8 @@ def main() -> None:
 @click.option("--kernels", type=click.Choice(KERNELS), default=BUILD_DEFAULTS["kernels"], show_default=True)
 @click.option("--max-batch", type=int, default=BUILD_DEFAULTS["max_batch"], show_default=True,
               help="images per call")
-@click.option("--min-size", type=int, default=BUILD_DEFAULTS["min_size"], show_default=True, help="pixels")
-@click.option("--max-size", type=int, default=BUILD_DEFAULTS["max_size"], show_default=True, help="pixels")
+@click.option("--min-size", type=int, default=None, help="pixels [default: 256; SDXL 512]")
+@click.option("--max-size", type=int, default=None, help="pixels [default: 1024; SDXL 1536]")
 @click.option("--max-chunks", type=int, default=BUILD_DEFAULTS["max_chunks"], show_default=True,
               help="77-token prompt chunks")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
@@ -81,7 +81,8 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="replace an existing artifact")
 @_friendly
 def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str, max_batch: int,
-          min_size: int, max_size: int, max_chunks: int, prediction_type: str | None, force: bool) -> None:
+          min_size: int | None, max_size: int | None, max_chunks: int, prediction_type: str | None,
+          force: bool) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or a preset) into an artifact."""
     from sdexport.export.build import build as run_build
 
@@ -90,7 +91,7 @@ def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str
     opts.validate()
     t0 = time.perf_counter()
     sd = open_model(model, prediction_type)
-    step, close = _stage_bar(f"build {fmt}")
+    step, close = _stage_bar(f"build {fmt}", len(modules_for(sd.info.family)))
     report = run_build(sd, out, opts, overwrite=force, on_stage=step)
     close()
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
@@ -113,7 +114,7 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 
     t0 = time.perf_counter()
     sd = open_model(model, prediction_type)
-    step, close = _stage_bar("refit")
+    step, close = _stage_bar("refit", len(modules_for(sd.info.family)))
     manifest = run_refit(artifact, sd, out, overwrite=force, on_stage=step)
     close()
     click.echo(f"wrote {out} ({manifest.model_name}) in {time.perf_counter() - t0:.1f}s")
@@ -126,8 +127,8 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 @click.option("--steps", type=int, default=28, show_default=True)
 @click.option("--cfg-scale", type=float, default=7.5, show_default=True,
               help="classifier-free guidance scale (the API's `scale`)")
-@click.option("-W", "--width", type=int, default=512, show_default=True)
-@click.option("-H", "--height", type=int, default=512, show_default=True)
+@click.option("-W", "--width", type=int, default=None, help="pixels [default: 512; SDXL 1024]")
+@click.option("-H", "--height", type=int, default=None, help="pixels [default: 512; SDXL 1024]")
 @click.option("-s", "--seed", type=int, default=None, help="first seed; the batch's images take the next ones")
 @click.option("--sampler", type=click.Choice(SCHEDULER_NAMES), default="ddim", show_default=True,
               help="the API's `scheduler`")
@@ -138,12 +139,20 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 @click.option("--device", default=None, help="cpu or cuda (default: the model's)")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="artifacts on CUDA: replay the UNet step through a CUDA graph per shape")
+@click.option("--original-size", type=(int, int), default=None, metavar="H W",
+              help="SDXL size conditioning [default: the image size]")
+@click.option("--crop", type=(int, int), default=None, metavar="TOP LEFT",
+              help="SDXL crop conditioning (crops_coords_top_left) [default: 0 0]")
+@click.option("--target-size", type=(int, int), default=None, metavar="H W",
+              help="SDXL base target-size conditioning [default: the image size]")
+@click.option("--aesthetic-score", type=float, default=None, help="SDXL refiner [default: 6.0]")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("."), show_default=True)
 @_friendly
-def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, width: int,
-             height: int, seed: int | None, sampler: str, batch_size: int, strength: float | None,
+def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, width: int | None,
+             height: int | None, seed: int | None, sampler: str, batch_size: int, strength: float | None,
              init_image: Path | None, mask: Path | None, device: str | None, cuda_graphs: bool,
-             out: Path) -> None:
+             original_size: tuple[int, int] | None, crop: tuple[int, int] | None,
+             target_size: tuple[int, int] | None, aesthetic_score: float | None, out: Path) -> None:
     """Generate PNGs (with A1111-style metadata) from MODEL: an artifact, a checkpoint or a preset."""
     from tqdm import tqdm
 
@@ -176,9 +185,14 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
     seeds = [first + i for i in range(batch_size)]
     common: dict[str, Any] = dict(steps=steps, scale=cfg_scale, seed=seeds, scheduler=sampler,
                                   batch_size=batch_size, progress=progress)
+    # SDXL conditioning: only what was given, so that SD 1.x/2.x models refuse it clearly
+    xl = {"original_size": original_size, "crops_coords_top_left": crop, "target_size": target_size,
+          "aesthetic_score": aesthetic_score}
+    common.update({k: v for k, v in xl.items() if v is not None})
+    native = 1024 if pipe.backend.info.family.startswith("sdxl") else 512
     t1 = time.perf_counter()
     if image is None:
-        images = pipe.text2img(prompt, negative_prompt, height=height, width=width, **common)
+        images = pipe.text2img(prompt, negative_prompt, height=height or native, width=width or native, **common)
     elif mask_image is None:
         images = pipe.img2img(image, prompt, negative_prompt, strength=0.8 if strength is None else strength,
                               **common)
@@ -224,7 +238,9 @@ def inspect(artifact: Path) -> None:
     rows = [
         ("format", f"{m.format} (version {m.format_version})"),
         ("model", f"{m.model_name} [{m.family}, {m.prediction_type}] hash {m.model_hash or '-'}"),
-        ("dtype / device", f"{m.dtype} / {m.device}"),
+        ("dtype / device", f"{m.dtype} / {m.device}"
+                           + (f" (VAE {m.vae_dtype_name})" if m.vae_dtype_name != m.dtype else "")),
+        ("programs", ", ".join(m.modules)),
         ("kernels", m.kernels + (f" (op library {m.op_library_version})" if m.op_library_version else "")),
         ("torch", m.torch_version),
         ("shapes", f"batch 1..{s.max_batch}, {s.min_size}..{s.max_size} px in steps of {s.multiple}, "
@@ -274,7 +290,7 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
     eager = sd.text2img(prompt, steps=20, height=128, width=128, seed=7, output="tensor")
     t_eager = time.perf_counter() - t1
     art = out / f"demo-{fmt}"
-    step, close = _stage_bar(f"build {fmt}")
+    step, close = _stage_bar(f"build {fmt}", len(modules_for(sd.info.family)))
     run_build(sd, art, BuildOptions(format=fmt, kernels=kernels, max_batch=2, min_size=64, max_size=256),
               overwrite=True, on_stage=step)
     close()

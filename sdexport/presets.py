@@ -1,5 +1,5 @@
-"""Random-weight models of known architectures: the built-in demo, a medium CPU benchmark size, and the
-published SD configs (sdexport/data/model_configs.json), built with no download."""
+"""Random-weight models of known architectures: the built-in demo, medium CPU benchmark sizes (SD 1.x- and
+SDXL-shaped), and the published SD / SDXL configs (sdexport/data/model_configs.json), built with no download."""
 
 from __future__ import annotations
 
@@ -42,6 +42,41 @@ def _small(channels: list[int], heads: int, context: int, text_layers: int, vae:
             "hidden_act": "quick_gelu",
         },
         "scheduler": _SD_SCHEDULER,
+        "native_size": 128,
+    }
+
+
+def _small_xl(channels: list[int], depth: list[int], widths: tuple[int, int], text_layers: int,
+              vae: list[int]) -> dict[str, Any]:
+    """A scaled-down SDXL base architecture: no attention at the first level, per-level transformer depth,
+    two CLIP encoders (context = both widths concatenated, pooled = encoder 2's projection), 6 time ids;
+    64-wide attention heads as SDXL's."""
+    w1, w2 = widths
+    time_dim = 64
+    clip = {"vocab_size": 49408, "num_hidden_layers": text_layers, "max_position_embeddings": 77}
+    return {
+        "family": "sdxl",
+        "unet": {
+            "in_channels": 4, "out_channels": 4, "block_out_channels": channels,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "layers_per_block": 2, "attention_head_dim": [c // 64 for c in channels],
+            "transformer_layers_per_block": depth, "cross_attention_dim": w1 + w2, "use_linear_projection": True,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+            "projection_class_embeddings_input_dim": w2 + 6 * time_dim, "norm_num_groups": 32,
+        },
+        "vae": {
+            "block_out_channels": vae, "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4, "latent_channels": 4, "layers_per_block": 1,
+            "norm_num_groups": 8, "scaling_factor": 0.13025, "force_upcast": True,
+        },
+        "text_encoder": {**clip, "hidden_size": w1, "intermediate_size": 4 * w1, "num_attention_heads": w1 // 64,
+                         "hidden_act": "quick_gelu", "projection_dim": w1},
+        "text_encoder_2": {**clip, "hidden_size": w2, "intermediate_size": 4 * w2,
+                           "num_attention_heads": w2 // 64, "hidden_act": "gelu", "projection_dim": w2},
+        "scheduler": _SD_SCHEDULER,
+        "pipeline": {"force_zeros_for_empty_prompt": True},
+        "native_size": 256,
     }
 
 
@@ -50,10 +85,19 @@ SMALL = {
     "demo": _small([32, 64, 64], 2, 32, 2, [16, 32, 32, 32]),
     # A CPU benchmark size: about 1/20 of SD 1.5's UNet work per step.
     "medium": _small([128, 256, 256], 4, 256, 4, [32, 64, 128, 128]),
+    # An SDXL-shaped CPU benchmark size (at 256 px: about 1/100 of SDXL's UNet work per step at 1024 px).
+    "sdxl-medium": _small_xl([128, 256, 512], [1, 2, 4], (256, 384), 4, [32, 64, 128, 128]),
 }
 # Published architectures, by CLI name -> key in model_configs.json.
-PUBLISHED = {"sd15": "sd15", "sd21-768": "sd21_768_v", "sd21-base": "sd21_base"}
+PUBLISHED = {"sd15": "sd15", "sd21-768": "sd21_768_v", "sd21-base": "sd21_base", "sdxl": "sdxl_base",
+             "sdxl-refiner": "sdxl_refiner"}
 PRESETS = (*SMALL, *PUBLISHED)
+
+
+def _family(cfg: dict[str, Any]) -> str:
+    if "text_encoder_2" in cfg:
+        return "sdxl" if "text_encoder" in cfg else "sdxl-refiner"
+    return "sd2" if cfg["unet"]["cross_attention_dim"] == 1024 else "sd1"
 
 
 def preset_config(name: str) -> dict[str, Any]:
@@ -63,8 +107,7 @@ def preset_config(name: str) -> dict[str, Any]:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     text = resources.files("sdexport").joinpath("data/model_configs.json").read_text(encoding="utf-8")
     cfg: dict[str, Any] = json.loads(text)[PUBLISHED[name]]
-    family = "sd2" if cfg["unet"]["cross_attention_dim"] == 1024 else "sd1"
-    return {**cfg, "family": family}
+    return {**cfg, "family": _family(cfg)}
 
 
 def random_pipeline(name: str, seed: int = 0) -> StableDiffusion:

@@ -1,4 +1,5 @@
-"""`sdexport build`: export the four modules of a pipeline into a frozen, verifiable artifact."""
+"""`sdexport build`: export the modules of a pipeline (`runtime.manifest.modules_for` its family) into a
+frozen, verifiable artifact."""
 
 from __future__ import annotations
 
@@ -17,20 +18,23 @@ import torch
 from torch import nn
 
 from runtime.backend import ModelInfo
-from runtime.manifest import DTYPES, FORMATS, MANIFEST, Manifest, ShapeRange, hash_tree
+from runtime.manifest import DTYPES, FORMATS, MANIFEST, TEXT_ENCODERS, Manifest, ShapeRange, hash_tree
 from runtime.tokenizer import ClipTokenizer
 from sdexport.export import formats
 from sdexport.export.modules import (
     SIZE_STEP,
     ShapeSpec,
     TextEncode,
+    TextEncodePooled,
     UNetStep,
+    UNetStepXL,
     VAEDecode,
     VAEMoments,
+    XLInputs,
     artifact_multiple,
 )
 from sdexport.models.layers import Kernels, set_backend
-from sdexport.models.text_encoder import TextEncoder
+from sdexport.models.text_encoder import TextEncoder, TextEncoderWithProjection
 from sdexport.models.unet import UNet
 from sdexport.models.vae import VAE
 
@@ -38,6 +42,9 @@ KERNELS = ("fused", "native")  # our custom ops as graph nodes, or plain torch o
 DEVICES = ("cpu", "cuda")
 StageCallback = Callable[[str], None]  # called with each module's name as its export starts
 M = TypeVar("M", bound=nn.Module)
+# Default pixel range of an artifact, by family (`--min-size` / `--max-size` override it).
+DEFAULT_SIZES = {"sd1": (256, 1024), "sd2": (256, 1024), "sdxl": (512, 1536), "sdxl-refiner": (512, 1536)}
+TOKENIZER_FILES = {"text_encoder": "tokenizer.json", "text_encoder_2": "tokenizer_2.json"}
 
 
 class Exportable(Protocol):
@@ -48,9 +55,11 @@ class Exportable(Protocol):
     @property
     def vae(self) -> VAE: ...
     @property
-    def text_encoder(self) -> TextEncoder: ...
+    def text_encoder(self) -> TextEncoder | None: ...  # None: the SDXL refiner
     @property
-    def tokenizer(self) -> ClipTokenizer: ...
+    def text_encoder_2(self) -> TextEncoderWithProjection | None: ...  # SDXL only
+    @property
+    def tokenizers(self) -> tuple[ClipTokenizer, ...]: ...  # one per text encoder, in order
     @property
     def info(self) -> ModelInfo: ...
 
@@ -61,8 +70,9 @@ class _Copy:
 
     unet: UNet
     vae: VAE
-    text_encoder: TextEncoder
-    tokenizer: ClipTokenizer
+    text_encoder: TextEncoder | None
+    text_encoder_2: TextEncoderWithProjection | None
+    tokenizers: tuple[ClipTokenizer, ...]
     info: ModelInfo
 
 
@@ -116,8 +126,8 @@ class BuildOptions:
     device: str = "cpu"
     kernels: str = "fused"  # "fused": our custom ops as graph nodes; "native": plain torch ops
     max_batch: int = 4  # images per call (the UNet serves twice this for CFG)
-    min_size: int = 256
-    max_size: int = 1024
+    min_size: int | None = None  # pixels; None: the family's `DEFAULT_SIZES`
+    max_size: int | None = None
     max_chunks: int = 3  # 77-token prompt chunks (3 -> prompts up to 225 tokens)
 
     def validate(self) -> None:
@@ -133,10 +143,19 @@ class BuildOptions:
         if self.max_batch < 1 or self.max_chunks < 1:
             raise ValueError("max_batch and max_chunks must be >= 1")
         for name, px in (("min_size", self.min_size), ("max_size", self.max_size)):
-            if px < SIZE_STEP or px % SIZE_STEP:
+            if px is not None and (px < SIZE_STEP or px % SIZE_STEP):
                 raise ValueError(f"{name} must be a multiple of {SIZE_STEP} px (>= {SIZE_STEP}), got {px}")
-        if self.min_size > self.max_size:
+        if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
             raise ValueError(f"min_size {self.min_size} exceeds max_size {self.max_size}")
+
+    def sizes(self, family: str) -> tuple[int, int]:
+        """(min_size, max_size) for a model of `family`: the options', else the family's defaults."""
+        lo, hi = DEFAULT_SIZES[family]
+        lo, hi = self.min_size or lo, self.max_size or hi
+        if lo > hi:  # one side given, the other from the defaults
+            raise ValueError(f"min_size {lo} exceeds max_size {hi} (the {family} default range is "
+                             f"{DEFAULT_SIZES[family][0]}..{DEFAULT_SIZES[family][1]} px)")
+        return lo, hi
 
     @property
     def dtype_name(self) -> str:
@@ -153,23 +172,86 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def xl_inputs(sd: Exportable) -> XLInputs | None:
+    """The widths of the UNet's added SDXL inputs (None for SD 1.x/2.x), checked against each other."""
+    cfg, info = sd.unet.config, sd.info
+    if not cfg.text_time:
+        if info.time_ids:
+            raise ValueError(f"the model info says {info.time_ids} time ids, but the UNet takes none")
+        return None
+    if sd.text_encoder_2 is None or cfg.addition_time_embed_dim is None:
+        raise ValueError("an SDXL UNet (addition_embed_type='text_time') needs text_encoder_2")
+    xl = XLInputs(pooled_dim=sd.text_encoder_2.config.projection_dim, time_ids=info.time_ids)
+    width = xl.pooled_dim + xl.time_ids * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(f"text_encoder_2's pooled width {xl.pooled_dim} + {xl.time_ids} time ids x "
+                         f"{cfg.addition_time_embed_dim} = {width}, but the UNet's "
+                         f"projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}")
+    return xl
+
+
 def export_modules(sd: Exportable) -> dict[str, nn.Module]:
-    """The four exported functions of an artifact, sharing `sd`'s parameters; their state-dict names
-    are the names of the artifact's weights."""
-    return {"text_encoder": TextEncode(sd.text_encoder), "unet": UNetStep(sd.unet),
-            "vae_decoder": VAEDecode(sd.vae), "vae_encoder": VAEMoments(sd.vae)}
+    """The exported functions of an artifact (`runtime.manifest.modules_for` the family), sharing `sd`'s
+    parameters; their state-dict names are the names of the artifact's weights."""
+    family = sd.info.family
+    if family not in TEXT_ENCODERS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(TEXT_ENCODERS)}")
+    modules: dict[str, nn.Module] = {}
+    for name in TEXT_ENCODERS[family]:
+        if name == "text_encoder":
+            if sd.text_encoder is None:
+                raise ValueError(f"a {family} model needs a text_encoder")
+            modules[name] = TextEncode(sd.text_encoder)
+        else:
+            if sd.text_encoder_2 is None:
+                raise ValueError(f"a {family} model needs a text_encoder_2")
+            modules[name] = TextEncodePooled(sd.text_encoder_2)
+    if len(sd.tokenizers) != len(TEXT_ENCODERS[family]):
+        raise ValueError(f"a {family} model has {len(TEXT_ENCODERS[family])} text encoders, "
+                         f"but {len(sd.tokenizers)} tokenizers were given")
+    modules["unet"] = UNetStepXL(sd.unet) if xl_inputs(sd) is not None else UNetStep(sd.unet)
+    modules["vae_decoder"] = VAEDecode(sd.vae)
+    modules["vae_encoder"] = VAEMoments(sd.vae)
+    return modules
+
+
+def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype in a build of `dtype`: float32 where the VAE overflows in half precision."""
+    return torch.float32 if info.force_upcast else dtype
 
 
 def _modules(sd: Exportable, spec: ShapeSpec, dtype: torch.dtype,
              device: torch.device) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], Any]]:
     unet_cfg = sd.unet.config
+    vae_dt = vae_dtype(sd.info, dtype)
     examples = {
         "text_encoder": spec.text_encoder(device),
-        "unet": spec.unet(unet_cfg.in_channels, unet_cfg.cross_attention_dim, dtype, device),
-        "vae_decoder": spec.vae_decoder(sd.vae.config.latent_channels, dtype, device),
-        "vae_encoder": spec.vae_encoder(dtype, device),
+        "text_encoder_2": spec.text_encoder(device),
+        "unet": spec.unet(unet_cfg.in_channels, unet_cfg.cross_attention_dim, dtype, device, xl_inputs(sd)),
+        "vae_decoder": spec.vae_decoder(sd.vae.config.latent_channels, vae_dt, device),
+        "vae_encoder": spec.vae_encoder(vae_dt, device),
     }
     return {name: (module, *examples[name]) for name, module in export_modules(sd).items()}
+
+
+def _copy(sd: Exportable, device: torch.device, dtype: torch.dtype, kernels: Kernels) -> _Copy:
+    def cast(module: M | None, dt: torch.dtype = dtype) -> M | None:
+        return None if module is None else export_copy(module, device, dt, kernels)
+
+    vae = cast(sd.vae, vae_dtype(sd.info, dtype))
+    unet = cast(sd.unet)
+    assert vae is not None and unet is not None
+    return _Copy(unet=unet, vae=vae, text_encoder=cast(sd.text_encoder), text_encoder_2=cast(sd.text_encoder_2),
+                 tokenizers=sd.tokenizers, info=sd.info)
+
+
+def write_tokenizers(root: Path, sd: Exportable) -> dict[str, str]:
+    """One tokenizer file per text encoder -> the manifest's tokenizer fields."""
+    fields = {"tokenizer": "", "tokenizer_2": ""}
+    for name, tokenizer in zip(TEXT_ENCODERS[sd.info.family], sd.tokenizers, strict=True):
+        (root / TOKENIZER_FILES[name]).write_text(tokenizer.to_json(), encoding="utf-8")
+        fields["tokenizer" if name == "text_encoder" else "tokenizer_2"] = TOKENIZER_FILES[name]
+    return fields
 
 
 def build(sd: Exportable, out: str | Path, options: BuildOptions | None = None, *,
@@ -186,15 +268,16 @@ def build(sd: Exportable, out: str | Path, options: BuildOptions | None = None, 
         from runtime import ops
 
         ops.load()
+    export_modules(sd)  # checks the model's parts against its family before any work
+    min_size, max_size = opts.sizes(sd.info.family)
+    opts = replace(opts, min_size=min_size, max_size=max_size)
     multiple = artifact_multiple(sd.unet, sd.vae)
-    if opts.min_size % multiple or opts.max_size % multiple:
+    if min_size % multiple or max_size % multiple:
         raise ValueError(f"sizes must be multiples of {multiple} px for this UNet")
     device, dtype = torch.device(opts.device), opts.dtype
     kernels = Kernels.FUSED if opts.kernels == "fused" else Kernels.SDPA
-    sd = _Copy(unet=export_copy(sd.unet, device, dtype, kernels), vae=export_copy(sd.vae, device, dtype, kernels),
-               text_encoder=export_copy(sd.text_encoder, device, dtype, kernels), tokenizer=sd.tokenizer,
-               info=sd.info)
-    spec = ShapeSpec(opts.max_batch, opts.min_size, opts.max_size, opts.max_chunks, multiple)
+    sd = _copy(sd, device, dtype, kernels)
+    spec = ShapeSpec(opts.max_batch, min_size, max_size, opts.max_chunks, multiple)
 
     report = BuildReport(out)
     with atomic_directory(out) as tmp:
@@ -207,27 +290,32 @@ def build(sd: Exportable, out: str | Path, options: BuildOptions | None = None, 
                 t0 = time.perf_counter()
                 entries[name] = formats.write(opts.format, name, module.eval(), args, dyn, tmp)
                 report.seconds[name] = time.perf_counter() - t0
-        (tmp / "tokenizer.json").write_text(sd.tokenizer.to_json(), encoding="utf-8")
-        manifest = _manifest(sd, opts, spec, entries)
+        tokenizers = write_tokenizers(tmp, sd)
+        manifest = _manifest(sd, opts, spec, entries, tokenizers)
         write_manifest(tmp, manifest)
     return report
 
 
 def model_fields(sd: Exportable) -> dict[str, Any]:
     """The manifest fields that describe the model (rather than the build)."""
-    info = sd.info
+    info, xl = sd.info, xl_inputs(sd)
     return dict(family=info.family, prediction_type=str(info.scheduler_config.get("prediction_type", "epsilon")),
                 unet_in_channels=info.unet_in_channels, latent_channels=info.latent_channels,
                 scaling_factor=info.scaling_factor, context_dim=sd.unet.config.cross_attention_dim,
-                scheduler_config=dict(info.scheduler_config), model_name=info.name, model_hash=info.hash)
+                scheduler_config=dict(info.scheduler_config), model_name=info.name, model_hash=info.hash,
+                time_ids=info.time_ids, pooled_dim=0 if xl is None else xl.pooled_dim,
+                force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
+                force_upcast=info.force_upcast)
 
 
-def _manifest(sd: Exportable, opts: BuildOptions, spec: ShapeSpec,
-              entries: dict[str, dict[str, str]]) -> Manifest:
+def _manifest(sd: Exportable, opts: BuildOptions, spec: ShapeSpec, entries: dict[str, dict[str, str]],
+              tokenizers: dict[str, str]) -> Manifest:
     from runtime import ops
 
+    vae_dt = next(k for k, v in DTYPES.items() if v == vae_dtype(sd.info, opts.dtype))
     return Manifest(
-        format=opts.format, **model_fields(sd),
+        format=opts.format, **model_fields(sd), tokenizer=tokenizers["tokenizer"],
+        tokenizer_2=tokenizers["tokenizer_2"], vae_dtype=vae_dt,
         shapes=ShapeRange(max_batch=spec.max_batch, min_size=spec.min_size, max_size=spec.max_size,
                           multiple=spec.multiple, max_chunks=spec.max_chunks),
         dtype=opts.dtype_name, device=opts.device, torch_version=torch.__version__,

@@ -1,8 +1,11 @@
-"""The four exported functions, their example inputs and their dynamic-shape specs.
+"""The exported functions, their example inputs and their dynamic-shape specs.
 
-Signatures (what `runtime.artifact.ArtifactBackend` calls):
-    text_encoder(ids (N, 77) int64) -> (N, 77, D)
+Signatures (what `runtime.artifact.ArtifactBackend` calls; `runtime.manifest.modules_for` lists each
+family's):
+    text_encoder(ids (N, 77) int64) -> (N, 77, D1)              # SD 1.x/2.x, SDXL base encoder 1
+    text_encoder_2(ids (N, 77) int64) -> ((N, 77, D2), (N, P))  # SDXL encoder 2: context, pooled
     unet(x (B, Cin, h, w), t (B,) float32, context (B, 77k, D), weights (B, 77k)) -> (B, 4, h, w)
+    unet(..., text_embeds (B, P), time_ids (B, n) float32)     # SDXL: the added conditioning
     vae_decoder(z (B, 4, h, w)) -> (B, 3, 8h, 8w)
     vae_encoder(image (B, 3, H, W)) -> (B, 8, H/8, W/8)   # mean and logvar, concatenated
 """
@@ -16,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from sdexport.models.text_encoder import TextEncoder
+from sdexport.models.text_encoder import TextEncoder, TextEncoderWithProjection
 from sdexport.models.unet import UNet
 from sdexport.models.vae import VAE, VAEDecode, VAEMoments
 
@@ -24,9 +27,12 @@ __all__ = [
     "SIZE_STEP",
     "ShapeSpec",
     "TextEncode",
+    "TextEncodePooled",
     "UNetStep",
+    "UNetStepXL",
     "VAEDecode",
     "VAEMoments",
+    "XLInputs",
     "artifact_multiple",
     "pixel_multiple",
 ]
@@ -56,6 +62,31 @@ class UNetStep(nn.Module):
         return out
 
 
+class UNetStepXL(nn.Module):
+    """SDXL's step: the UNet with its added "text_time" conditioning as two more inputs."""
+
+    def __init__(self, unet: UNet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor,
+                time_ids: Tensor) -> Tensor:
+        out: Tensor = self.unet(x, t, context, weights, text_embeds=text_embeds, time_ids=time_ids)
+        return out
+
+
+class TextEncodePooled(nn.Module):
+    """SDXL's `text_encoder_2`: ids -> (context, pooled projection)."""
+
+    def __init__(self, text_encoder: TextEncoderWithProjection) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        context, pooled = self.text_encoder(ids)
+        return context, pooled
+
+
 class TextEncode(nn.Module):
     def __init__(self, text_encoder: TextEncoder) -> None:
         super().__init__()
@@ -73,6 +104,14 @@ def _dim(name: str, lo: int, hi: int) -> Any:
 
 def _times(d: Any, k: int) -> Any:
     return d if d is Dim.STATIC else d * k
+
+
+@dataclass(frozen=True)
+class XLInputs:
+    """The widths of SDXL's added UNet inputs."""
+
+    pooled_dim: int  # text_embeds (B, pooled_dim): encoder 2's projection
+    time_ids: int  # time_ids (B, time_ids): 6 (base) or 5 (refiner)
 
 
 @dataclass(frozen=True)
@@ -104,12 +143,12 @@ class ShapeSpec:
         ids = torch.zeros(rows, 77, dtype=torch.long, device=device)
         return (ids,), {"ids": {0: dim}}
 
-    def unet(self, in_channels: int, context_dim: int, dtype: torch.dtype,
-             device: torch.device) -> tuple[tuple[Tensor, ...], Any]:
+    def unet(self, in_channels: int, context_dim: int, dtype: torch.dtype, device: torch.device,
+             xl: XLInputs | None = None) -> tuple[tuple[Tensor, ...], Any]:
         lat = self.example_size // 8
         b, batch = self._batch(2 * self.max_batch)
         chunks = min(2, self.max_chunks)
-        args = (torch.randn(b, in_channels, lat, lat, dtype=dtype, device=device),
+        args: tuple[Tensor, ...] = (torch.randn(b, in_channels, lat, lat, dtype=dtype, device=device),
                 torch.full((b,), 500.0, device=device),
                 torch.randn(b, 77 * chunks, context_dim, dtype=dtype, device=device),
                 torch.ones(b, 77 * chunks, dtype=dtype, device=device))
@@ -117,7 +156,13 @@ class ShapeSpec:
         tokens = _times(_dim("chunks", 1, self.max_chunks), 77)
         spec = {"x": {0: batch, 2: h, 3: w}, "t": {0: batch}, "context": {0: batch, 1: tokens},
                 "weights": {0: batch, 1: tokens}}
-        return args, spec
+        if xl is None:
+            return args, spec
+        size = float(self.example_size)
+        time_ids = torch.tensor([size, size, 0.0, 0.0, size, size][:xl.time_ids], device=device)
+        args += (torch.randn(b, xl.pooled_dim, dtype=dtype, device=device),
+                 time_ids.expand(b, -1).contiguous())
+        return args, {**spec, "text_embeds": {0: batch}, "time_ids": {0: batch}}
 
     def vae_decoder(self, latent_channels: int, dtype: torch.dtype,
                     device: torch.device) -> tuple[tuple[Tensor, ...], Any]:

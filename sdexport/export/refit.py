@@ -15,19 +15,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from runtime.manifest import DTYPES, MODULES, Manifest, read_manifest
+from runtime.manifest import DTYPES, Manifest, modules_for, read_manifest
 from sdexport.export.build import (
     Exportable,
     StageCallback,
     atomic_directory,
     export_modules,
     model_fields,
+    vae_dtype,
     write_manifest,
+    write_tokenizers,
 )
 
 REFITTABLE = ("aoti", "pt2")
 # Fields the compiled programs depend on: the new model must agree with the artifact on them.
-ARCHITECTURE = ("family", "unet_in_channels", "latent_channels", "context_dim")
+ARCHITECTURE = ("family", "unet_in_channels", "latent_channels", "context_dim", "time_ids", "pooled_dim")
 
 
 def _stored(path: Path) -> dict[str, tuple[int, ...]]:
@@ -80,20 +82,26 @@ def refit(artifact: str | Path, sd: Exportable, out: str | Path, *, overwrite: b
         if fields[key] != getattr(manifest, key):
             raise ValueError(f"the new model's {key} is {fields[key]!r}, the artifact was built for "
                              f"{getattr(manifest, key)!r}")
+    names = modules_for(manifest.family)
     modules = export_modules(sd)
-    stored = {name: _stored(src / manifest.modules[name]["weights"]) for name in MODULES}
-    for name in MODULES:  # everything is checked before anything is written
+    stored = {name: _stored(src / manifest.modules[name]["weights"]) for name in names}
+    for name in names:  # everything is checked before anything is written
         _check(name, stored[name], _tensors(modules[name]))
 
-    dtype = DTYPES[manifest.dtype]  # the build cast every floating-point tensor to it (`Module.to`)
+    # The build cast every floating-point tensor to the artifact's dtypes (`Module.to`).
+    dtype, vae_dt = DTYPES[manifest.dtype], DTYPES[manifest.vae_dtype_name]
+    if vae_dtype(sd.info, dtype) != vae_dt:
+        raise ValueError(f"the new model's VAE would be {vae_dtype(sd.info, dtype)}, the artifact's is {vae_dt}")
     with atomic_directory(out) as tmp, torch.no_grad():
-        for name in MODULES:
+        for name in names:
             if on_stage:
                 on_stage(name)
             entry = manifest.modules[name]
             _link_or_copy(src / entry["program"], tmp / entry["program"])
             tensors = _tensors(modules[name])
-            weights = {k: _cast(tensors[k], dtype) for k in stored[name]}
+            dt = vae_dt if name.startswith("vae_") else dtype
+            weights = {k: _cast(tensors[k], dt) for k in stored[name]}
             save_file(weights, str(tmp / entry["weights"]))
-        (tmp / manifest.tokenizer).write_text(sd.tokenizer.to_json(), encoding="utf-8")
-        return write_manifest(tmp, replace(manifest, **fields))
+        tokenizers = write_tokenizers(tmp, sd)
+        new = replace(manifest, tokenizer=tokenizers["tokenizer"], tokenizer_2=tokenizers["tokenizer_2"], **fields)
+        return write_manifest(tmp, new)
