@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -156,9 +156,11 @@ def write_config_folder(root: Path, configs: Mapping[str, Mapping[str, Any]], re
     return root
 
 
-def reference_pipeline(path: Path, config: Path, refiner: bool, dtype: torch.dtype | None = None) -> Any:
+def reference_pipeline(path: Path, config: Path, refiner: bool, dtype: torch.dtype | None = None,
+                       **kwargs: Any) -> Any:
     cls = diffusers.StableDiffusionXLImg2ImgPipeline if refiner else diffusers.StableDiffusionXLPipeline
-    kwargs: dict[str, Any] = {} if dtype is None else {"torch_dtype": dtype}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     if refiner:
         kwargs.update(text_encoder=None, tokenizer=None)
     return cls.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
@@ -373,8 +375,35 @@ def _random_param(key: str, t: Tensor) -> Tensor:
     return (torch.randn(t.shape, generator=gen) / fan_in**0.5).to(t.dtype)
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+class _MemoryPeaks:
+    """Peak resident memory per phase, sampled from /proc/self/status: all of it (VmRSS, file-backed
+    pages of memory-mapped safetensors included) and the anonymous part (RssAnon)."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, tuple[float, float]] = {}
+        self._max = (0.0, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return tuple(int(fields[k].split()[0]) / 2**20 for k in ("VmRSS", "RssAnon"))  # type: ignore[return-value]
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            now = self._now()
+            self._max = (max(self._max[0], now[0]), max(self._max[1], now[1]))
+
+    def mark(self, phase: str) -> None:
+        now = self._now()
+        self.peaks[phase] = (max(self._max[0], now[0]), max(self._max[1], now[1]))
+        self._max = now
+
+    def report(self) -> str:
+        self._stop.set()
+        return ", ".join(f"{k} {rss:.1f} ({anon:.1f} anon)" for k, (rss, anon) in self.peaks.items())
 
 
 @pytest.mark.slow
@@ -382,6 +411,7 @@ def test_real_size_sdxl_base_matches_from_single_file(tmp_path: Path) -> None:
     """A real-size SDXL base single file (random fp16, SGM layout): our loader + models against diffusers'
     from_single_file, module by module in fp32 (one UNet call at 32x32 latents, both encoders, a decode)."""
     started = time.perf_counter()
+    mem = _MemoryPeaks()
     published = published_configs("sdxl_base")
     with torch.device("meta"):
         meta = {
@@ -413,7 +443,9 @@ def test_real_size_sdxl_base_matches_from_single_file(tmp_path: Path) -> None:
     latents = torch.randn(1, 4, 16, 16, generator=gen)
 
     # Ours: load in fp16, then one module at a time in fp32.
+    mem.mark("writing")
     ckpt = load_checkpoint(path, dtype=torch.float16, family="sdxl")
+    mem.mark("load")
     assert ckpt.text_config_2 is not None and ckpt.text_encoder_2 is not None
     ours: dict[str, Tensor] = {}
     with torch.no_grad():
@@ -436,6 +468,7 @@ def test_real_size_sdxl_base_matches_from_single_file(tmp_path: Path) -> None:
         ckpt.vae.clear()
         ours["decode"] = vae.float().decode(latents)
         del vae
+        mem.mark("ours: text, vae")
         with torch.device("meta"):
             unet = UNet(UNetConfig.from_diffusers(ckpt.unet_config))
         load_strict(unet, ckpt.unet, "unet")
@@ -443,10 +476,13 @@ def test_real_size_sdxl_base_matches_from_single_file(tmp_path: Path) -> None:
         ours["unet"] = unet.float()(x, torch.tensor(500), context, text_embeds=pooled, time_ids=time_ids)
         del unet, ckpt
     gc.collect()
+    mem.mark("ours: unet")
     ours_done = time.perf_counter()
 
-    # The reference: diffusers' from_single_file (fp16), each module upcast in turn.
-    pipe = reference_pipeline(path, folder, refiner=False, dtype=torch.float16)
+    # The reference: diffusers' from_single_file (fp16), each module upcast in turn. The UNet comes from its
+    # own from_single_file call (the same converter), so the whole pipeline never sits in memory at once.
+    pipe = reference_pipeline(path, folder, refiner=False, dtype=torch.float16, unet=None)
+    mem.mark("reference: from_single_file (no unet)")
     ref: dict[str, Tensor] = {}
     with torch.no_grad():
         hidden = pipe.text_encoder.float()(ids, output_hidden_states=True).hidden_states
@@ -455,14 +491,19 @@ def test_real_size_sdxl_base_matches_from_single_file(tmp_path: Path) -> None:
         out = pipe.text_encoder_2.float()(ids, output_hidden_states=True)
         ref["context_2"], ref["text_embeds"] = out.hidden_states[-2], out.text_embeds
         pipe.text_encoder_2 = None
-        vae_ref = pipe.vae.float()
-        ref["decode"] = vae_ref.decode(latents).sample
-        pipe.vae = vae_ref = None
-        gc.collect()
-        ref["unet"] = pipe.unet.float()(x, torch.tensor([500]), context,
-                                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        ref["decode"] = pipe.vae.float().decode(latents).sample
     del pipe
     gc.collect()
+    mem.mark("reference: text, vae")
+    unet_ref = diffusers.UNet2DConditionModel.from_single_file(
+        str(path), config=str(folder), subfolder="unet", local_files_only=True, torch_dtype=torch.float16)
+    mem.mark("reference: unet from_single_file")
+    with torch.no_grad():
+        ref["unet"] = unet_ref.float()(x, torch.tensor([500]), context,
+                                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    del unet_ref
+    gc.collect()
+    mem.mark("reference: unet")
 
     for name, want in ref.items():
         got = ours[name]
@@ -471,4 +512,4 @@ def test_real_size_sdxl_base_matches_from_single_file(tmp_path: Path) -> None:
         err = (got - want).abs().max().item()
         assert err <= 1e-3 * max(scale, 1.0), f"{name}: max abs err {err} (scale {scale})"
     print(f"\nSDXL base single file: {size_gb:.2f} GiB; ours {ours_done - started:.0f} s (incl. writing), "
-          f"total {time.perf_counter() - started:.0f} s; peak RSS {_peak_rss_gb():.1f} GiB")
+          f"total {time.perf_counter() - started:.0f} s; peak RSS (GiB) by phase: {mem.report()}")
