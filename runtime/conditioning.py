@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from runtime.backend import Backend, ModelInfo
-from runtime.prompt import EncodedPrompt, encode_prompt, encode_prompts
+from runtime.prompt import Emphasis, EncodedPrompt, Syntax, apply_emphasis, encode_prompt, encode_prompts
 
 Size = tuple[int, int]
 
@@ -126,17 +126,19 @@ class TextConditioning:
         return backend.unet(x, t, self.context, self.weights, self.text_embeds, self.time_ids)
 
 
-def _tokenize(backend: Backend, texts: Sequence[str]) -> list[list[EncodedPrompt]]:
+def _tokenize(backend: Backend, texts: Sequence[str], syntax: Syntax) -> list[list[EncodedPrompt]]:
     """Each text with each tokenizer, all with one chunk count (the longest)."""
-    per_tokenizer = [encode_prompts(tok, texts) for tok in backend.tokenizers]
+    per_tokenizer = [encode_prompts(tok, texts, syntax=syntax) for tok in backend.tokenizers]
     chunks = max(enc[0].n_chunks for enc in per_tokenizer)
-    return [enc if enc[0].n_chunks == chunks else [encode_prompt(tok, t, chunks) for t in texts]
+    return [enc if enc[0].n_chunks == chunks else [encode_prompt(tok, t, chunks, syntax=syntax) for t in texts]
             for tok, enc in zip(backend.tokenizers, per_tokenizer, strict=True)]
 
 
-def encode_text(backend: Backend, texts: Sequence[str], zero: Sequence[bool]) -> TextConditioning:
-    """Context, token weights and pooled embedding of `texts`; rows where `zero` is set are zeros."""
-    encoded = _tokenize(backend, texts)
+def encode_text(backend: Backend, texts: Sequence[str], zero: Sequence[bool], *, syntax: Syntax = "sdfused",
+                emphasis: Emphasis = "attention") -> TextConditioning:
+    """Context, token weights (after the `emphasis` mode) and pooled embedding of `texts`, parsed with
+    `syntax`; rows where `zero` is set are zeros. The pooled embedding never carries emphasis (A1111)."""
+    encoded = _tokenize(backend, texts, syntax)
     n, chunks = len(texts), encoded[0][0].n_chunks
     ids = [torch.stack([e.ids for e in enc]).reshape(-1, 77).to(backend.device) for enc in encoded]
     weights = torch.stack([e.weights for e in encoded[0]]).to(backend.device, backend.dtype)
@@ -145,6 +147,7 @@ def encode_text(backend: Backend, texts: Sequence[str], zero: Sequence[bool]) ->
     ctx = ctx.reshape(n, chunks * 77, -1)
     if pooled is not None:
         pooled = pooled.reshape(n, chunks, -1)[:, 0]  # the first chunk's
+    ctx, weights = apply_emphasis(ctx, weights, emphasis)  # before zeroing: A1111's mean of zeros is 0/0
     if any(zero):
         keep = torch.tensor([not z for z in zero], device=ctx.device)
         ctx = torch.where(keep[:, None, None], ctx, torch.zeros_like(ctx))
@@ -153,18 +156,13 @@ def encode_text(backend: Backend, texts: Sequence[str], zero: Sequence[bool]) ->
     return TextConditioning(ctx, weights, pooled)
 
 
-def add_time_ids(text: TextConditioning, info: ModelInfo, size: SizeConditioning, height: int, width: int,
-                 text2img: bool, negatives: int) -> TextConditioning:
-    """`text` with the time ids of its rows (the first `negatives` rows are negative); unchanged for SD 1/2."""
+def time_id_rows(info: ModelInfo, size: SizeConditioning, height: int, width: int, text2img: bool,
+                 negatives: int, rows: int, device: torch.device) -> Tensor | None:
+    """(rows, n) float32 time ids, the first `negatives` rows negative; None for SD 1/2."""
     if info.time_ids == 0:
-        return text
-    if text.text_embeds is None:
-        raise ValueError(f"this {info.family} model's text encoders gave no pooled embedding")
+        return None
     pos, neg = size.time_ids(info.time_ids, height, width, text2img)
-    n = text.context.shape[0]
-    rows = [neg] * negatives + [pos] * (n - negatives)
-    ids = torch.tensor(rows, dtype=torch.float32, device=text.context.device)
-    return TextConditioning(text.context, text.weights, text.text_embeds, ids)
+    return torch.tensor([neg] * negatives + [pos] * (rows - negatives), dtype=torch.float32, device=device)
 
 
 def default_scheduler(info: ModelInfo) -> str:

@@ -20,9 +20,11 @@ from PIL import Image
 from torch import Tensor
 
 from runtime.backend import Backend
-from runtime.conditioning import Size, SizeConditioning, TextConditioning, add_time_ids, default_scheduler, encode_text
+from runtime.conditioning import Size, SizeConditioning, default_scheduler, time_id_rows
 from runtime.inputs import ImageInput, batch_from, prompt_lists, repeat, seeds, to_image_tensor, to_mask_tensor
 from runtime.png import Parameters, format_parameters
+from runtime.prompt import Emphasis, Syntax
+from runtime.prompt_steps import StepCursor, StepText, check_prompt_options, composable, encode_steps, guidance_scale
 from runtime.samplers import Callback, ModelFn, get_scheduler, make_schedule, sample
 from runtime.schedulers import Schedule, SchedulerConfig, add_noise, initial_latents
 
@@ -34,9 +36,20 @@ Shape = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
+class _Prompts:
+    """A request's prompt options (runtime/prompt_steps.py)."""
+
+    syntax: Syntax = "sdfused"
+    emphasis: Emphasis = "attention"
+
+
+@dataclass(frozen=True)
 class _Job:
-    prompts: list[str]
+    prompts: list[str]  # as given (PNG metadata)
     negatives: list[str]
+    texts: list[str]  # the positive prompts to encode (syntax "a1111": without the composable weight)
+    guidance: list[float]  # composable-prompt guidance weight per image
+    options: _Prompts
     steps: int
     scale: float
     height: int
@@ -61,6 +74,9 @@ class _Conditioning:
 class Pipeline:
     """Generates images with a backend. `low_ram` runs the two CFG halves one after the other.
 
+    Prompts: `syntax` "sdfused" (default) or "a1111" (A1111's reading, its composable-prompt weights;
+    AND refused), `emphasis` "attention" (default), "a1111" (A1111's "Original") or "none"; prompt
+    editing and alternation switch the context per sampling step (runtime/prompt_steps.py).
     SDXL keyword arguments (None = the reference's default; SD 1.x/2.x models refuse them):
     original_size / target_size (h, w; default the image size), crops_coords_top_left (y, x; (0, 0)),
     their negative_* forms (base), aesthetic_score / negative_aesthetic_score (refiner; 6.0 / 2.5).
@@ -96,12 +112,14 @@ class Pipeline:
         negative_target_size: Size | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        syntax: Syntax = "sdfused",
+        emphasis: Emphasis = "attention",
     ) -> list[Image.Image] | Tensor:
         size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                 negative_crops_coords_top_left, negative_target_size, aesthetic_score,
                                 negative_aesthetic_score)
         job = self._job(prompt, negative_prompt, steps, scale, height, width, seed, scheduler, eta,
-                        batch_size, 1.0, size, text2img=True)
+                        batch_size, 1.0, size, _Prompts(syntax, emphasis), text2img=True)
         return self._generate(job, None, None, latents, output, progress)
 
     def img2img(
@@ -127,6 +145,8 @@ class Pipeline:
         negative_target_size: Size | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        syntax: Syntax = "sdfused",
+        emphasis: Emphasis = "attention",
     ) -> list[Image.Image] | Tensor:
         size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                 negative_crops_coords_top_left, negative_target_size, aesthetic_score,
@@ -134,7 +154,7 @@ class Pipeline:
         img = to_image_tensor(image, "image")
         batch_size = batch_from(img, batch_size)
         job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
-                        scheduler, eta, batch_size, strength, size, text2img=False)
+                        scheduler, eta, batch_size, strength, size, _Prompts(syntax, emphasis), text2img=False)
         return self._generate(job, repeat(img, batch_size), None, None, output, progress)
 
     def inpaint(
@@ -162,6 +182,8 @@ class Pipeline:
         negative_target_size: Size | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        syntax: Syntax = "sdfused",
+        emphasis: Emphasis = "attention",
     ) -> list[Image.Image] | Tensor:
         size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                 negative_crops_coords_top_left, negative_target_size, aesthetic_score,
@@ -173,15 +195,17 @@ class Pipeline:
                              f"{tuple(img.shape[2:])}")
         batch_size = batch_from(img, batch_size)
         job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
-                        scheduler, eta, batch_size, strength, size, text2img=False)
+                        scheduler, eta, batch_size, strength, size, _Prompts(syntax, emphasis), text2img=False)
         return self._generate(job, repeat(img, batch_size), repeat(msk, batch_size), latents, output,
                               progress)
 
     # ---- validation -------------------------------------------------------------------------
     def _job(self, prompt: str | Sequence[str], negative: str | Sequence[str], steps: int, scale: float,
              height: int, width: int, seed: int | Sequence[int] | None, scheduler: str | None, eta: float,
-             batch_size: int, strength: float, size: SizeConditioning, text2img: bool) -> _Job:
+             batch_size: int, strength: float, size: SizeConditioning, options: _Prompts, text2img: bool) -> _Job:
         prompts, negatives = prompt_lists(prompt, negative, batch_size)
+        check_prompt_options(options.syntax, options.emphasis)
+        texts, guidance = composable(prompts, options.syntax)
         n = len(prompts)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -196,8 +220,11 @@ class Pipeline:
         get_scheduler(scheduler)  # raises on an unknown name
         if not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        return _Job(prompts, negatives, steps, float(scale), height, width, seeds(seed, n), scheduler,
-                    float(eta), float(strength), size.checked(self.backend.info), text2img)
+        if scale <= 1.0 and any(w != 1.0 for w in guidance):
+            raise ValueError("a composable-prompt weight (a trailing ':w' under syntax='a1111') needs "
+                             f"guidance (scale > 1), got scale={scale!r}")
+        return _Job(prompts, negatives, texts, guidance, options, steps, float(scale), height, width,
+                    seeds(seed, n), scheduler, float(eta), float(strength), size.checked(self.backend.info), text2img)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _generate(self, job: _Job, image: Tensor | None, mask: Tensor | None, latents: Tensor | None,
@@ -209,12 +236,13 @@ class Pipeline:
         schedule = make_schedule(job.scheduler, SchedulerConfig.from_dict(self.backend.info.scheduler_config),
                                  job.steps, job.strength)
         gens = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
-        text = self._encode_prompts(job, guided)
+        cursor = StepCursor(self._encode_prompts(job, guided), schedule)
         noise, cond = self._draw_latents(job, image, mask, latents, gens, shape)
         x = initial_latents(schedule, noise, cond.start)
-        model = self._guided_model(job.scale if guided else None, text, cond.unet_extra)
+        scale = guidance_scale(job.scale, job.guidance, self.backend.device) if guided else None
+        model = self._guided_model(scale, cursor, cond.unet_extra)
         blend = None if cond.blend is None else _inpaint_blend(schedule, cond.blend, noise)
-        callback = _step_callback(schedule.num_steps, progress, blend)
+        callback = _step_callback(schedule.num_steps, progress, blend, cursor)
 
         def noise_fn() -> Tensor:
             return _draw(gens, shape).to(self.backend.device)
@@ -262,13 +290,15 @@ class Pipeline:
         masked_latents = self._encode_image(masked, gens) * info.scaling_factor
         return noise, _Conditioning(start, unet_extra=torch.cat([latent_mask, masked_latents], dim=1))
 
-    def _guided_model(self, scale: float | None, text: TextConditioning, extra: Tensor | None) -> ModelFn:
-        """The UNet as the sampler calls it: extra input channels appended, classifier-free guidance
-        (Ho & Salimans 2022) ``uncond + scale (cond - uncond)`` unless ``scale`` is None."""
+    def _guided_model(self, scale: float | Tensor | None, cursor: StepCursor, extra: Tensor | None) -> ModelFn:
+        """The UNet as the sampler calls it, on the cursor's current text: extra input channels appended,
+        classifier-free guidance (Ho & Salimans 2022) ``uncond + scale (cond - uncond)`` unless ``scale``
+        is None (a tensor: one scale per image)."""
         be = self.backend
-        n = text.context.shape[0] // (1 if scale is None else 2)
+        n = cursor.current.context.shape[0] // (1 if scale is None else 2)
 
         def model(x: Tensor, t: Tensor) -> Tensor:
+            text = cursor.current
             x_in = x if extra is None else torch.cat([x, extra], dim=1)
             t = t.to(be.device)
             x_in = x_in.to(be.dtype)
@@ -292,15 +322,13 @@ class Pipeline:
             return images
         return [self._to_pil(img, job, i) for i, img in enumerate(images)]
 
-    def _encode_prompts(self, job: _Job, guided: bool) -> TextConditioning:
-        """Rows [negatives; prompts] if guided, else prompts; empty negatives are zeros where the model
-        says so (force_zeros_for_empty_prompt)."""
-        info = self.backend.info
-        texts = [*job.negatives, *job.prompts] if guided else job.prompts
+    def _encode_prompts(self, job: _Job, guided: bool) -> StepText:
+        """Rows [negatives; prompts] if guided, else prompts, scheduled and encoded once."""
+        be = self.backend
+        rows = [*job.negatives, *job.texts] if guided else job.texts
         negatives = len(job.negatives) if guided else 0
-        zero = [i < negatives and info.force_zeros_for_empty_prompt and not t for i, t in enumerate(texts)]
-        text = encode_text(self.backend, texts, zero)
-        return add_time_ids(text, info, job.size, job.height, job.width, job.text2img, negatives)
+        ids = time_id_rows(be.info, job.size, job.height, job.width, job.text2img, negatives, len(rows), be.device)
+        return encode_steps(be, rows, negatives, job.steps, job.options.syntax, job.options.emphasis, ids)
 
     def _encode_image(self, image: Tensor, gens: list[torch.Generator]) -> Tensor:
         """A posterior sample of `image` (in [-1, 1]), one draw per image from its generator."""
@@ -320,7 +348,8 @@ class Pipeline:
             prompt=job.prompts[i], negative_prompt=job.negatives[i], steps=job.steps,
             sampler=job.scheduler, cfg_scale=job.scale, seed=job.seeds[i], width=job.width,
             height=job.height, model_hash=info.hash, model=info.name,
-            strength=job.strength if job.strength < 1.0 else None))
+            strength=job.strength if job.strength < 1.0 else None, syntax=job.options.syntax,
+            emphasis=job.options.emphasis))
         return pil
 
 
@@ -335,8 +364,10 @@ def _inpaint_blend(schedule: Schedule, blend: tuple[Tensor, Tensor], noise: Tens
     return callback
 
 
-def _step_callback(total: int, progress: StepCallback | None, blend: Callback | None) -> Callback:
+def _step_callback(total: int, progress: StepCallback | None, blend: Callback | None,
+                   cursor: StepCursor) -> Callback:
     def callback(i: int, x: Tensor) -> Tensor:
+        cursor.after_call(i)
         if progress is not None:
             progress(i + 1, total)
         return x if blend is None else blend(i, x)

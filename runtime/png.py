@@ -26,6 +26,8 @@ class Parameters:
     model_hash: str = ""
     model: str = ""
     strength: float | None = None  # img2img / inpaint "Denoising strength"
+    syntax: str = "a1111"  # prompt syntax (runtime.prompt); written when not A1111's
+    emphasis: str = "a1111"  # emphasis mode; written when not A1111's default ("Original")
 
 
 def format_parameters(p: Parameters) -> str:
@@ -45,8 +47,20 @@ def format_parameters(p: Parameters) -> str:
         fields.append(f"Model: {p.model}")
     if p.strength is not None:
         fields.append(f"Denoising strength: {p.strength:g}")
+    fields += _prompt_fields(p.syntax, p.emphasis)
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def _prompt_fields(syntax: str, emphasis: str) -> list[str]:
+    """How the prompts were read, where not as A1111 reads them by default. Emphasis "none" is A1111's
+    "Ignore" (its key and name); our "attention" mode has no A1111 name, so its key is our own."""
+    fields = [] if syntax == "a1111" else [f"Prompt syntax: {syntax}"]
+    if emphasis == "none":
+        fields.append("Emphasis: Ignore")
+    elif emphasis != "a1111":
+        fields.append(f"Prompt emphasis: {emphasis}")
+    return fields
 
 
 def _a1111_sampler(name: str) -> str:

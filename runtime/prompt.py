@@ -188,7 +188,8 @@ def encode_pair(tokenizer: ClipTokenizer, prompt: str, negative: str, *,
 def apply_emphasis(context: torch.Tensor, weights: torch.Tensor,
                    mode: Emphasis = "attention") -> tuple[torch.Tensor, torch.Tensor]:
     """Text-encoder output ``context`` (N, 77k, D) and token ``weights`` (N, 77k) -> (context, weights
-    for the cross-attention value rows). All weights 1 returns ``context`` and ``weights`` unchanged."""
+    for the cross-attention value rows). All weights 1 returns ``context`` and ``weights`` unchanged; in
+    mode "a1111" so does each row whose weights are all 1."""
     if mode not in EMPHASIS_MODES:
         raise ValueError(f"emphasis must be one of {EMPHASIS_MODES}, got {mode!r}")
     if mode == "attention":
@@ -202,4 +203,5 @@ def apply_emphasis(context: torch.Tensor, weights: torch.Tensor,
     before = z.mean(dim=(2, 3), keepdim=True)
     z = z * w
     z = z * (before / z.mean(dim=(2, 3), keepdim=True))
-    return z.reshape(n, length, dim), ones
+    plain = (weights == 1).all(dim=1)[:, None, None]  # rows without emphasis stay bit-identical
+    return torch.where(plain, context, z.reshape(n, length, dim)), ones
