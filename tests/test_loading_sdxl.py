@@ -183,12 +183,15 @@ def test_sgm_round_trip(tmp_path: Path, xl: dict[str, XLTiny], kind: str, suffix
         assert ckpt.unet_config[key] == ucfg[key], key
     assert ckpt.vae_config["scaling_factor"] == 0.13025 and ckpt.vae_config["force_upcast"] is True
     assert ckpt.text_config_2 is not None
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "projection_dim", "hidden_act"):
+    # the published legacy token ids (as diffusers' SDXL encoders): the pooled token is the ids' argmax
+    token_ids = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "projection_dim", "hidden_act", *token_ids):
         assert ckpt.text_config_2[key] == text_config_2(kind)[key], key
     if kind == "sdxl-refiner":
         assert ckpt.text_encoder == {} and ckpt.text_config == {}
     else:
         assert ckpt.text_config["num_hidden_layers"] == text_config(kind)["num_hidden_layers"]
+        assert {k: ckpt.text_config[k] for k in token_ids} == token_ids
     states = ckpt_states(ckpt)
     assert set(states) == set(t.modules())
     for name, module in t.modules().items():

@@ -268,8 +268,19 @@ def test_real_configs_parse() -> None:
         pytest.skip("shared reference configs missing")
     ref = json.loads(REFERENCE_CONFIGS.read_text())
     ours = json.loads(PACKAGE_CONFIGS.read_text())
+    # Ours adds the published SDXL encoders' legacy token ids (bos 0, eos 2, pad 1: the pooled token is the
+    # argmax of the ids, as in diffusers' SDXL encoders), which the shared reference leaves out.
+    token_ids = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
     for name in ("sd15", "sd21_base", "sd21_768_v", "sdxl_base"):
-        assert {k: v for k, v in ours[name].items() if k != "pipeline"} == ref[name], name
+        entry = {k: v for k, v in ours[name].items() if k != "pipeline"}
+        for section in ("text_encoder", "text_encoder_2"):
+            if name.startswith("sdxl") and section in entry:
+                assert {k: entry[section].get(k) for k in token_ids} == token_ids, (name, section)
+                entry[section] = {k: v for k, v in entry[section].items() if k not in token_ids}
+        assert entry == ref[name], name
+    for section in ("text_encoder", "text_encoder_2"):
+        assert TextEncoderConfig.from_transformers(ours["sdxl_base"][section]).eos_token_id == 2
+    assert {k: ours["sdxl_refiner"]["text_encoder_2"][k] for k in token_ids} == token_ids
     for name in ("sd15", "sd21_base", "sd21_768_v", "sdxl_base", "sdxl_refiner"):
         UNetConfig.from_diffusers(ours[name]["unet"])
         VAEConfig.from_diffusers(ours[name]["vae"])
