@@ -593,7 +593,7 @@ def test_safetensors_reader_only_keeps_model_keys(tmp_path: Path, ldm_sd1: dict[
 def test_real_size_layout_on_meta(name: str, pred: str) -> None:
     """The published architectures, shapes only: a real-size LDM layout converts back to the exact
     diffusers/transformers keys, and inference + family rules reproduce the published configs."""
-    from sdexport.loading.checkpoint import _from_ldm_state
+    from sdexport.loading.single_file import from_ldm_state
 
     published = published_configs(name)
     family = "sd1" if name == "sd15" else "sd2"
@@ -604,7 +604,7 @@ def test_real_size_layout_on_meta(name: str, pred: str) -> None:
     state = ldm_state_dict(unet.state_dict(), vae.state_dict(), text.state_dict(), family)
     if family == "sd2":
         assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in state  # 24 blocks
-    ckpt = _from_ldm_state(state, Path(f"{name}.safetensors"), pred, {})
+    ckpt = from_ldm_state(state, Path(f"{name}.safetensors"), pred, {})
     assert ckpt.family == family and ckpt.prediction_type == pred
     for section, got in (
         ("unet", ckpt.unet_config),

@@ -24,8 +24,8 @@ from tiny_configs import XL_KINDS, scheduler_config, text_config, text_config_2,
 from torch import Tensor, nn
 
 from sdexport.loading import CheckpointError, load_checkpoint, load_strict, published_configs
-from sdexport.loading.checkpoint import _from_ldm_state
 from sdexport.loading.sgm import convert_text_2
+from sdexport.loading.single_file import from_ldm_state
 from sdexport.models.config import TextEncoderConfig, UNetConfig, VAEConfig
 from sdexport.models.text_encoder import TextEncoder, TextEncoderWithProjection
 from sdexport.models.unet import UNet
@@ -277,7 +277,7 @@ def test_real_size_layout_on_meta(name: str) -> None:
         text_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**published["text_encoder_2"]))
     state = sgm_state_dict(unet.state_dict(), vae.state_dict(), None if text is None else text.state_dict(),
                            text_2.state_dict())
-    ckpt = _from_ldm_state(state, Path(f"{name}.safetensors"), None, {})
+    ckpt = from_ldm_state(state, Path(f"{name}.safetensors"), None, {})
     assert ckpt.family == ("sdxl-refiner" if refiner else "sdxl")
     sections = [("unet", ckpt.unet_config), ("vae", ckpt.vae_config), ("text_encoder_2", ckpt.text_config_2)]
     if not refiner:

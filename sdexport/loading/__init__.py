@@ -1,4 +1,8 @@
-"""Checkpoint loading: diffusers folders and original LDM single files -> configs + state dicts."""
+"""Checkpoint loading: diffusers folders and original LDM / SGM single files -> configs + state dicts.
+
+Modules: ``load`` (``load_checkpoint``: dispatch, overrides, dtype) over ``folder`` (diffusers folders) and
+``single_file`` (LDM / SGM files), both on ``checkpoint`` (the ``Checkpoint`` type, family facts, shared checks).
+"""
 
 from .architecture import text_shapes, unet_shapes, vae_shapes
 from .checkpoint import (
@@ -7,12 +11,12 @@ from .checkpoint import (
     PREDICTION_TYPES,
     Checkpoint,
     family_defaults,
-    load_checkpoint,
     pipeline_defaults,
     published_configs,
 )
 from .errors import CheckpointError, check_state_dict, load_strict
 from .ldm import text_key_map, unet_key_map, vae_key_map
+from .load import load_checkpoint
 
 __all__ = [
     "PAD_TOKEN",
