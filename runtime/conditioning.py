@@ -134,16 +134,26 @@ def _tokenize(backend: Backend, texts: Sequence[str], syntax: Syntax) -> list[li
             for tok, enc in zip(backend.tokenizers, per_tokenizer, strict=True)]
 
 
+def _encode_ids(backend: Backend, ids: list[Tensor], per_call: int) -> tuple[Tensor, Tensor | None]:
+    """backend.encode_text on at most `per_call` chunks at a time (what an artifact's encoder takes)."""
+    parts = [backend.encode_text([i[s : s + per_call] for i in ids]) for s in range(0, ids[0].shape[0], per_call)]
+    if len(parts) == 1:
+        return parts[0]
+    pooled = [p for _, p in parts if p is not None]
+    return torch.cat([c for c, _ in parts]), torch.cat(pooled) if pooled else None
+
+
 def encode_text(backend: Backend, texts: Sequence[str], zero: Sequence[bool], *, syntax: Syntax = "sdfused",
-                emphasis: Emphasis = "attention") -> TextConditioning:
+                emphasis: Emphasis = "attention", batch: int | None = None) -> TextConditioning:
     """Context, token weights (after the `emphasis` mode) and pooled embedding of `texts`, parsed with
-    `syntax`; rows where `zero` is set are zeros. The pooled embedding never carries emphasis (A1111)."""
+    `syntax`; rows where `zero` is set are zeros. The pooled embedding never carries emphasis (A1111).
+    `batch`: the most texts encoded in one backend call (None: all)."""
     encoded = _tokenize(backend, texts, syntax)
     n, chunks = len(texts), encoded[0][0].n_chunks
     ids = [torch.stack([e.ids for e in enc]).reshape(-1, 77).to(backend.device) for enc in encoded]
     weights = torch.stack([e.weights for e in encoded[0]]).to(backend.device, backend.dtype)
-    with torch.inference_mode():
-        ctx, pooled = backend.encode_text(ids)  # each 77-token chunk encoded on its own
+    with torch.inference_mode():  # each 77-token chunk encoded on its own
+        ctx, pooled = _encode_ids(backend, ids, chunks * (batch or n))
     ctx = ctx.reshape(n, chunks * 77, -1)
     if pooled is not None:
         pooled = pooled.reshape(n, chunks, -1)[:, 0]  # the first chunk's

@@ -1,10 +1,10 @@
 """Prompts in the sampling loop: the context of every step (prompt editing, alternation) and guidance weights.
 
 Each UNet row's prompt ([negatives; prompts] under CFG, else prompts) is scheduled over the request's
-``steps`` (``schedule_prompts``); the distinct texts are encoded once, in one batch, with the emphasis
-mode applied once. At sampling step j the rows gather the table rows ``index[j]`` (context, token
-weights and, for SDXL, the pooled embedding; time ids are per row). When no prompt changes, the rows
-are gathered once before the loop.
+``steps`` (``schedule_prompts``); the distinct texts are encoded once, before the loop, in batches of at
+most the request's rows (an artifact's encoder takes no more), with the emphasis mode applied once.
+At sampling step j the rows gather the table rows ``index[j]`` (context, token weights and, for SDXL,
+the pooled embedding; time ids are per row). When no prompt changes, the rows are gathered once.
 
 Steps are sampling steps, not model calls: Heun's predictor and corrector, and PLMS's warm-up redo of
 step 0, share their step's context (:func:`call_steps`). The pipeline's step callback moves the context
@@ -88,7 +88,8 @@ def encode_steps(backend: Backend, rows: Sequence[str], negatives: int, steps: i
         texts.append("")
         zero.append(True)
         index[:, empty] = len(texts) - 1
-    table = encode_text(backend, texts, zero, syntax=syntax, emphasis=emphasis)
+    # at most len(rows) texts per encoder call: what the request would encode without schedules
+    table = encode_text(backend, texts, zero, syntax=syntax, emphasis=emphasis, batch=len(rows))
     if time_ids is not None and table.text_embeds is None:
         raise ValueError(f"this {backend.info.family} model's text encoders gave no pooled embedding")
     return StepText(table, index.to(table.context.device), time_ids)
