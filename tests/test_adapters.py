@@ -316,3 +316,33 @@ def test_embedding_matches_diffusers_load_textual_inversion(sd1_folder: Path, tm
     table = pipe.text_encoder.get_input_embeddings().weight
     ids = [pipe.tokenizer.convert_tokens_to_ids(t) for t in ours.token_names()]
     assert torch.equal(table[ids].detach(), ours.vectors["text_encoder"])
+
+
+# SDXL: lora_te1_ / lora_te2_, and kohya's SGM spelling of the UNet blocks.
+
+XL_SGM = {  # diffusers name -> SGM name (1 resnet per level: input block 1 + level·2 + j)
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.3.1.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
+    "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
+    "up_blocks.0.attentions.0.proj_out": "output_blocks.0.1.proj_out",
+}
+
+
+@pytest.mark.parametrize("sgm", [False, True])
+def test_sdxl_kohya_matches_diffusers(sdxl_folder: Path, tmp_path: Path, sgm: bool) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    comps = ("unet", "text_encoder", "text_encoder_2")
+    table = _tables(pipe, comps)
+    # Real kohya SDXL files are all-SGM; diffusers renumbers a mix wrongly: the extra block is diffusers-only.
+    extra = () if sgm else ("down_blocks.2.attentions.0.transformer_blocks.1.attn2.to_v",)
+    # diffusers silently drops a text encoder `v_proj` LoRA here (our resolve would not), so none is used.
+    names = {"unet": (*XL_SGM, *extra), "text_encoder": TEXT_MODULES,
+             "text_encoder_2": ("text_model.encoder.layers.2.self_attn.out_proj",
+                                "text_model.encoder.layers.0.mlp.fc2")}
+    tensors = lw.kohya(_modules(table, names), sdxl=True, sgm=XL_SGM if sgm else None)
+    path = lw.save(tensors, tmp_path / "xl.safetensors")
+    ours, res = _merge(table, path, 0.6)
+    assert res.report() == {"unet": len(XL_SGM) + len(extra), "text_encoder": 3, "text_encoder_2": 2}
+    _compare(ours, _fused(pipe, path, 0.6, comps), {t for _, t, _ in res.targets})
