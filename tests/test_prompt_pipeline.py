@@ -321,3 +321,27 @@ def test_png_records_syntax_and_emphasis(sd1: StableDiffusion) -> None:
     assert fields[("a1111", "a1111")] == format_parameters(base)  # A1111's defaults: nothing written
     assert fields[("a1111", "none")].endswith("Size: 8x8, Emphasis: Ignore")
     assert fields[("sdfused", "a1111")].endswith("Size: 8x8, Prompt syntax: sdfused")
+
+
+def test_sdxl_pooled_embedding_follows_the_step(sdxl_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sdxl = StableDiffusion.from_pretrained(sdxl_folder)
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    unet = sdxl.backend.unet
+
+    def spy(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, weights: torch.Tensor,
+            text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        assert text_embeds is not None and time_ids is not None
+        seen.append((context.clone(), text_embeds.clone(), time_ids.clone()))
+        return unet(x, t, context, weights, text_embeds, time_ids)
+
+    monkeypatch.setattr(sdxl.backend, "unet", spy)
+    sdxl.text2img("a [cat|dog]", "", steps=3, scale=5.0, height=H, width=W, seed=1, scheduler="euler")
+    ref = encode_text(sdxl.backend, ["a cat", "a dog"], [False, False])
+    assert ref.text_embeds is not None and sdxl.info.force_zeros_for_empty_prompt
+    for step, (context, pooled, time_ids) in enumerate(seen):
+        k = step % 2
+        assert torch.allclose(context[1], ref.context[k], atol=1e-5)
+        assert torch.allclose(pooled[1], ref.text_embeds[k], atol=1e-5)
+        assert not context[0].any() and not pooled[0].any()  # the empty negative: zeros
+        assert time_ids.shape == (2, 6)
+    assert len(seen) == 3
