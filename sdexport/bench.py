@@ -31,6 +31,7 @@ from sdexport.presets import PUBLISHED, SMALL, open_model, preset_config
 
 Log = Callable[[str], None]
 COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "vae_encode")
+PROMPT = "a photograph of an astronaut riding a horse"
 
 
 @dataclass
@@ -77,39 +78,51 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: 
 
 @dataclass
 class Inputs:
-    ids: Tensor
+    ids: list[Tensor]  # one (2, 77) tensor per text encoder
     x: Tensor
     t: Tensor
     context: Tensor
     weights: Tensor
-    z: Tensor
+    z: Tensor  # float32, as the protocol passes latents and images
     image: Tensor
+    text_embeds: Tensor | None = None  # SDXL's added UNet inputs
+    time_ids: Tensor | None = None
+
+
+def _ids(tokenizer: ClipTokenizer, prompt: str) -> list[int]:
+    row = [tokenizer.bos_id, *tokenizer.tokenize(prompt)[:75], tokenizer.eos_id]
+    return row + [tokenizer.pad_id] * (77 - len(row))
 
 
 def make_inputs(sd: StableDiffusion, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Inputs:
     g = torch.Generator().manual_seed(0)
     h, w = height // 8, width // 8
     ctx_dim = sd.unet.config.cross_attention_dim
-    ids = sd.tokenizer.tokenize("a photograph of an astronaut riding a horse")[:75]
-    row = [sd.tokenizer.bos_id, *ids, sd.tokenizer.eos_id]
-    row += [sd.tokenizer.pad_id] * (77 - len(row))
-    return Inputs(
-        ids=torch.tensor([row, row], device=device),
+    rows = [_ids(tok, PROMPT) for tok in sd.tokenizers]
+    inp = Inputs(
+        ids=[torch.tensor([row, row], device=device) for row in rows],
         x=torch.randn(2, sd.unet.config.in_channels, h, w, generator=g).to(device, dtype),
         t=torch.tensor(500.0, device=device),
         context=torch.randn(2, 77, ctx_dim, generator=g).to(device, dtype),
         weights=torch.ones(2, 77, device=device, dtype=dtype),
-        z=torch.randn(1, 4, h, w, generator=g).to(device, dtype),
-        image=(torch.rand(1, 3, height, width, generator=g) * 2 - 1).to(device, dtype),
+        z=torch.randn(1, 4, h, w, generator=g).to(device),
+        image=(torch.rand(1, 3, height, width, generator=g) * 2 - 1).to(device),
     )
+    n = sd.info.time_ids
+    if n and sd.text_encoder_2 is not None:
+        # base: original size, crop top-left, target size; refiner: original size, crop, aesthetic score 6
+        numbers = [float(height), float(width), 0.0, 0.0, *([float(height), float(width)] if n == 6 else [6.0])]
+        inp.text_embeds = torch.randn(2, sd.text_encoder_2.config.projection_dim, generator=g).to(device, dtype)
+        inp.time_ids = torch.tensor([numbers, numbers], device=device)
+    return inp
 
 
 def bench_backend(be: Backend, inp: Inputs, steps: int, height: int, width: int, repeat: int,
                   device: torch.device) -> tuple[dict[str, float], dict[str, Tensor]]:
     outs: dict[str, Tensor] = {}
     calls: dict[str, Callable[[], Tensor]] = {
-        "text_encoder": lambda: be.encode_text([inp.ids])[0],
-        "unet_step": lambda: be.unet(inp.x, inp.t, inp.context, inp.weights),
+        "text_encoder": lambda: be.encode_text(inp.ids)[0],
+        "unet_step": lambda: be.unet(inp.x, inp.t, inp.context, inp.weights, inp.text_embeds, inp.time_ids),
         "vae_decode": lambda: be.decode(inp.z),
         "vae_encode": lambda: be.encode(inp.image),
     }
@@ -121,7 +134,7 @@ def bench_backend(be: Backend, inp: Inputs, steps: int, height: int, width: int,
     pipe = Pipeline(be)
 
     def image() -> Tensor:
-        out = pipe.text2img("a photograph of an astronaut riding a horse", steps=steps, height=height,
+        out = pipe.text2img(PROMPT, steps=steps, height=height,
                             width=width, seed=0, output="tensor")
         assert isinstance(out, Tensor)
         return out
@@ -132,28 +145,38 @@ def bench_backend(be: Backend, inp: Inputs, steps: int, height: int, width: int,
 
 
 class DiffusersBackend:
-    """diffusers' modules on our weights (same state-dict names), behind the Backend protocol."""
+    """diffusers' modules on our weights (same state-dict names), behind the Backend protocol. SDXL: both
+    encoders' penultimate hidden states (as StableDiffusionXLPipeline), the added conditioning, and the VAE
+    in float32 when it is force_upcast."""
 
     def __init__(self, sd: StableDiffusion, compile_unet: bool) -> None:
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        cfgs, text_encoder = sd.configs, sd.text_encoder
-        if cfgs.text_encoder is None or text_encoder is None or sd.text_encoder_2 is not None:
-            raise ValueError("the diffusers comparison backend covers SD 1.x/2.x only")
+        cfgs = sd.configs
         unet: Any = UNet2DConditionModel(**cfgs.unet)  # type: ignore[no-untyped-call]
         vae: Any = AutoencoderKL(**cfgs.vae)  # type: ignore[no-untyped-call]
-        text: Any = CLIPTextModel(CLIPTextConfig(**cfgs.text_encoder))
         unet.load_state_dict(sd.unet.state_dict())
         vae.load_state_dict(sd.vae.state_dict())
-        # transformers 4 nests the modules under text_model; 5 does not (our keys follow 5)
-        getattr(text, "text_model", text).load_state_dict(text_encoder.state_dict(), strict=False)
+        self.encoders: list[Any] = []
+        if sd.text_encoder is not None and cfgs.text_encoder is not None:
+            text: Any = CLIPTextModel(CLIPTextConfig(**cfgs.text_encoder))
+            # transformers 4 nests the modules under text_model; 5 does not (our keys follow 5)
+            getattr(text, "text_model", text).load_state_dict(sd.text_encoder.state_dict(), strict=False)
+            self.encoders.append(text)
+        if sd.text_encoder_2 is not None and cfgs.text_encoder_2 is not None:
+            text_2: Any = CLIPTextModelWithProjection(CLIPTextConfig(**cfgs.text_encoder_2))
+            text_2.load_state_dict(sd.text_encoder_2.state_dict(), strict=False)
+            self.encoders.append(text_2)
         dev, dt = sd.backend.device, sd.backend.dtype
-        for m in (unet, vae, text):
+        self.xl = sd.text_encoder_2 is not None
+        self.vae_dtype = torch.float32 if sd.info.force_upcast else dt
+        for m in (unet, *self.encoders):
             m.to(dev, dt).eval()
+        vae.to(dev, self.vae_dtype).eval()
         self.device, self.dtype = dev, dt
-        self.vae, self.text = vae, text
-        self.tokenizers: tuple[ClipTokenizer, ...] = (sd.tokenizer,)
+        self.vae = vae
+        self.tokenizers: tuple[ClipTokenizer, ...] = sd.tokenizers
         self.info: ModelInfo = sd.info
         mode = "reduce-overhead" if dev.type == "cuda" else "default"
         self._unet: Any = torch.compile(unet, mode=mode) if compile_unet else unet
@@ -162,29 +185,35 @@ class DiffusersBackend:
         return None
 
     def encode_text(self, ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-        out: Tensor = self.text(ids[0])[0]
-        return out, None
+        if not self.xl:
+            out: Tensor = self.encoders[0](ids[0])[0]
+            return out, None
+        contexts, pooled = [], None
+        for enc, chunk_ids in zip(self.encoders, ids, strict=True):
+            res = enc(chunk_ids, output_hidden_states=True)
+            contexts.append(res.hidden_states[-2])
+            pooled = getattr(res, "text_embeds", None)
+        return torch.cat(contexts, dim=-1), pooled
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
              time_ids: Tensor | None = None) -> Tensor:
-        out: Tensor = self._unet(x, t, encoder_hidden_states=context).sample
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        out: Tensor = self._unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
         return out
 
     def decode(self, z: Tensor) -> Tensor:
-        out: Tensor = self.vae.decode(z.to(self.dtype)).sample
+        out: Tensor = self.vae.decode(z.to(self.vae_dtype)).sample
         return out.float()
 
     def encode(self, image: Tensor) -> Tensor:
-        out: Tensor = self.vae.encode(image.to(self.dtype)).latent_dist.parameters
+        out: Tensor = self.vae.encode(image.to(self.vae_dtype)).latent_dist.parameters
         return out.float()
 
 
-def _native_size(model: str) -> int:
-    if model in SMALL:
-        return 128
-    if model in PUBLISHED:
+def _native_size(model: str, family: str) -> int:
+    if model in SMALL or model in PUBLISHED:
         return int(preset_config(model)["native_size"])
-    return 512
+    return 1024 if family.startswith("sdxl") else 512
 
 
 def _git_revision() -> str:
@@ -269,7 +298,7 @@ def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
     dtype_name = "float16" if opts.half else "float32"
     dtype = DTYPES[dtype_name]
     sd = open_model(opts.model).to(device, dtype)
-    height = opts.height or _native_size(opts.model)
+    height = opts.height or _native_size(opts.model, sd.info.family)
     width = opts.width or height
     rows = _Rows(make_inputs(sd, height, width, device, dtype), opts, height, width, device, log)
     _eager_rows(sd, rows)

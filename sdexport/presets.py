@@ -114,8 +114,11 @@ def random_pipeline(name: str, seed: int = 0) -> StableDiffusion:
     """A float32 CPU pipeline of preset `name` with seeded random weights."""
     cfg = preset_config(name)
     torch.manual_seed(seed)
-    return StableDiffusion.from_configs(cfg["family"], cfg["unet"], cfg["vae"], cfg["text_encoder"],
-                                        cfg["scheduler"], name=f"{name}-random")
+    pipeline = cfg.get("pipeline", {})
+    return StableDiffusion.from_configs(cfg["family"], cfg["unet"], cfg["vae"], cfg.get("text_encoder"),
+                                        cfg["scheduler"], text_config_2=cfg.get("text_encoder_2"),
+                                        force_zeros_for_empty_prompt=pipeline.get("force_zeros_for_empty_prompt"),
+                                        name=f"{name}-random")
 
 
 def open_model(model: str, prediction_type: str | None = None) -> StableDiffusion:
