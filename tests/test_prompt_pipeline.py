@@ -19,6 +19,9 @@ import torch
 from runtime.conditioning import encode_text
 from runtime.png import Parameters, format_parameters
 from runtime.prompt import Emphasis
+from runtime.prompt_steps import call_steps
+from runtime.samplers import SCHEDULER_NAMES, make_schedule
+from runtime.schedulers import SchedulerConfig
 from sdexport import StableDiffusion
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +102,14 @@ def test_multi_call_steps_keep_their_context(sd1: StableDiffusion, calls: list[C
     sd1.text2img("a [cat|dog]", steps=3, scale=1.0, height=H, width=W, seed=1, scheduler=scheduler)
     got = _texts_seen(sd1, calls, ["a cat", "a dog"])
     assert got == [(["a cat", "a dog"][s % 2],) for s in per_call]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_every_scheduler_maps_its_calls_onto_the_steps_run(scheduler: str) -> None:
+    for steps, strength in ((1, 1.0), (5, 1.0), (10, 0.5), (10, 0.35)):
+        schedule = make_schedule(scheduler, SchedulerConfig(), steps, strength)
+        per_call = call_steps(schedule)
+        assert per_call == sorted(per_call) and set(per_call) == set(range(int(steps * strength)))
 
 
 def test_img2img_counts_run_steps_from_zero(sd1: StableDiffusion, calls: list[Call]) -> None:
