@@ -66,6 +66,13 @@ def test_generate_from_artifact_writes_png_with_metadata(artifact: Path, tmp_pat
     assert info.startswith(expected)
 
 
+def test_generate_refuses_sdxl_conditioning_on_sd1(artifact: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["generate", str(artifact), "-p", "x", "--steps", "1", "-W", "64", "-H", "64",
+                                       "--original-size", "64", "64", "-o", str(tmp_path)])
+    assert result.exit_code == 1 and "original_size" in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_generate_names_each_file_by_its_seed(sd1_folder: Path, tmp_path: Path) -> None:
     """Without --seed the CLI draws the first seed; a batch takes consecutive ones, each file named by its own."""
     result = CliRunner().invoke(main, ["generate", str(sd1_folder), "-p", "x", "--steps", "1", "-W", "64", "-H", "64",

@@ -204,6 +204,30 @@ def test_version_and_device_checks(sd: StableDiffusion, artifacts: Path, tmp_pat
             runtime.load(art, device="cuda")
 
 
+def test_manifest_written_before_sdxl_still_loads(sd: StableDiffusion, artifacts: Path, tmp_path: Path) -> None:
+    """A format-version-1 manifest without the SDXL fields (what builds before SDXL wrote) loads and runs the
+    same; a family the runtime does not know, or modules that do not fit the family, are clear errors."""
+    art = _small_artifact(sd, artifacts)
+    old = _copy(art, tmp_path / "old")
+    m = json.loads((old / "manifest.json").read_text())
+    for key in ("tokenizer_2", "time_ids", "pooled_dim", "force_zeros_for_empty_prompt", "force_upcast",
+                "vae_dtype"):
+        del m[key]
+    (old / "manifest.json").write_text(json.dumps(m))
+    pipe = runtime.load(old)
+    assert pipe.backend.info.time_ids == 0 and len(pipe.backend.tokenizers) == 1
+    lat = _jobs()["lat1"]
+    out = pipe.text2img("a fox", steps=2, height=64, width=64, latents=lat, output="tensor")
+    ref = runtime.load(art).text2img("a fox", steps=2, height=64, width=64, latents=lat, output="tensor")
+    assert isinstance(out, torch.Tensor) and isinstance(ref, torch.Tensor) and torch.equal(out, ref)
+    _edit_manifest(old, family="sd3")
+    with pytest.raises(ArtifactError, match=r"unknown model family 'sd3'"):
+        runtime.load(old)
+    _edit_manifest(old, family="sdxl")
+    with pytest.raises(ArtifactError, match=r"expected \['text_encoder', 'text_encoder_2', 'unet'"):
+        runtime.load(old)
+
+
 def test_missing_op_library_is_a_clear_error(sd: StableDiffusion, artifacts: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     art = _copy(_small_artifact(sd, artifacts), tmp_path / "fused")
