@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import click
 
 from runtime.manifest import FORMATS, modules_for
+from runtime.prompt import EMPHASIS_MODES
+from runtime.prompt_grammar import SYNTAXES
 from runtime.samplers import SCHEDULER_NAMES
 from sdexport.bench import BenchOptions
 from sdexport.export.build import DEVICES, KERNELS, BuildOptions
@@ -130,8 +132,8 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 @click.option("-W", "--width", type=int, default=None, help="pixels [default: 512; SDXL 1024]")
 @click.option("-H", "--height", type=int, default=None, help="pixels [default: 512; SDXL 1024]")
 @click.option("-s", "--seed", type=int, default=None, help="first seed; the batch's images take the next ones")
-@click.option("--sampler", type=click.Choice(SCHEDULER_NAMES), default="ddim", show_default=True,
-              help="the API's `scheduler`")
+@click.option("--sampler", type=click.Choice(SCHEDULER_NAMES), default=None,
+              help="the API's `scheduler` [default: the model's: ddim; SDXL euler]")
 @click.option("-b", "--batch-size", type=int, default=1, show_default=True)
 @click.option("--strength", type=float, default=None, help="img2img / inpaint strength")
 @click.option("-i", "--init", "init_image", type=click.Path(exists=True, path_type=Path), default=None)
@@ -146,13 +148,18 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 @click.option("--target-size", type=(int, int), default=None, metavar="H W",
               help="SDXL base target-size conditioning [default: the image size]")
 @click.option("--aesthetic-score", type=float, default=None, help="SDXL refiner [default: 6.0]")
+@click.option("--syntax", type=click.Choice(SYNTAXES), default=SYNTAXES[0], show_default=True,
+              help="prompt grammar: ours (A1111's plus `(words):1.3`) or exactly A1111's")
+@click.option("--emphasis", type=click.Choice(EMPHASIS_MODES), default=EMPHASIS_MODES[0], show_default=True,
+              help="how weights act: on cross-attention values, A1111's 'Original', or not at all")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("."), show_default=True)
 @_friendly
 def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, width: int | None,
-             height: int | None, seed: int | None, sampler: str, batch_size: int, strength: float | None,
+             height: int | None, seed: int | None, sampler: str | None, batch_size: int, strength: float | None,
              init_image: Path | None, mask: Path | None, device: str | None, cuda_graphs: bool,
              original_size: tuple[int, int] | None, crop: tuple[int, int] | None,
-             target_size: tuple[int, int] | None, aesthetic_score: float | None, out: Path) -> None:
+             target_size: tuple[int, int] | None, aesthetic_score: float | None, syntax: str, emphasis: str,
+             out: Path) -> None:
     """Generate PNGs (with A1111-style metadata) from MODEL: an artifact, a checkpoint or a preset."""
     from tqdm import tqdm
 
@@ -184,7 +191,7 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
     first = secrets.randbelow(2**32) if seed is None else seed
     seeds = [first + i for i in range(batch_size)]
     common: dict[str, Any] = dict(steps=steps, scale=cfg_scale, seed=seeds, scheduler=sampler,
-                                  batch_size=batch_size, progress=progress)
+                                  batch_size=batch_size, progress=progress, syntax=syntax, emphasis=emphasis)
     # SDXL conditioning: only what was given, so that SD 1.x/2.x models refuse it clearly
     xl = {"original_size": original_size, "crops_coords_top_left": crop, "target_size": target_size,
           "aesthetic_score": aesthetic_score}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -163,3 +164,24 @@ def test_demo_builds_loads_generates_and_checks_parity(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "demo.png").size == (128, 128)
     assert "first image" in lines["timings"]
     assert float(lines["parity"].rsplit("=", 1)[1]) <= 1e-3
+
+
+def test_generate_syntax_and_emphasis_reach_the_pipeline(sd1_folder: Path, tmp_path: Path) -> None:
+    """--syntax a1111 --emphasis a1111 give the API's image for the same arguments, recorded in the PNG text;
+    the scheduler defaults to the model's (ddim for SD 1.x)."""
+    from sdexport import StableDiffusion
+
+    prompt = "a ((fox):1.2) [BREAK]"
+    args = ["generate", str(sd1_folder), "-p", prompt, "--steps", "2", "-W", "64", "-H", "64", "-s", "5",
+            "--syntax", "a1111", "--emphasis", "a1111", "-o", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    png = Image.open(tmp_path / "5.png")
+    text = png.info["parameters"]
+    assert "Sampler: DDIM" in text and "Prompt syntax" not in text and "Emphasis" not in text
+    ref = StableDiffusion.from_pretrained(sd1_folder).text2img(prompt, steps=2, height=64, width=64, seed=5,
+                                                               syntax="a1111", emphasis="a1111")
+    assert isinstance(ref, list)
+    assert (np.asarray(png) == np.asarray(ref[0])).all()
+    bad = CliRunner().invoke(main, [*args[:-2], "--syntax", "nope"])
+    assert bad.exit_code != 0 and "'nope' is not one of" in bad.output
