@@ -29,6 +29,7 @@ __all__ = [
     "MULTISTEP",
     "MULTISTEP_KARRAS",
     "PLMS",
+    "PREDICTION_TYPES",
     "K",
     "Schedule",
     "ScheduleKind",
@@ -41,7 +42,7 @@ __all__ = [
 Family = Literal["discrete", "k", "multistep"]
 Layout = tuple[list[float], list[float]]  # (UNet timestep, sigma) of every model call; sigmas end in 0.0
 _BETA_SCHEDULES = ("linear", "scaled_linear")
-_PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the samplers convert (Denoiser)
 _SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -71,9 +72,9 @@ class SchedulerConfig:
             raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if self.beta_schedule not in _BETA_SCHEDULES:
             raise ValueError(f"beta_schedule must be one of {_BETA_SCHEDULES}, got {self.beta_schedule!r}")
-        if self.prediction_type not in _PREDICTION_TYPES:
+        if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
-                f"prediction_type must be one of {_PREDICTION_TYPES}, got {self.prediction_type!r}"
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
             )
         if self.timestep_spacing is not None and self.timestep_spacing not in _SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {_SPACINGS}, got {self.timestep_spacing!r}")

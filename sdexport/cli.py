@@ -17,6 +17,7 @@ from runtime.manifest import FORMATS, modules_for
 from runtime.prompt import EMPHASIS_MODES
 from runtime.prompt_grammar import SYNTAXES
 from runtime.samplers import SCHEDULER_NAMES
+from runtime.schedulers import PREDICTION_TYPES
 from sdexport.bench import BenchOptions
 from sdexport.export.build import DEVICES, KERNELS, BuildOptions
 from sdexport.presets import open_model
@@ -78,7 +79,7 @@ def main() -> None:
 @click.option("--max-size", type=int, default=None, help="pixels [default: 1024; SDXL 1536]")
 @click.option("--max-chunks", type=int, default=BUILD_DEFAULTS["max_chunks"], show_default=True,
               help="77-token prompt chunks")
-@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+@click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
               help="override (single-file SD 2 768 checkpoints need v_prediction)")
 @click.option("--force", is_flag=True, help="replace an existing artifact")
 @_friendly
@@ -105,7 +106,7 @@ def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="new artifact directory (ARTIFACT itself with --force)")
-@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+@click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
               help="override (single-file SD 2 768 checkpoints need v_prediction)")
 @click.option("--force", is_flag=True, help="replace an existing directory")
 @_friendly

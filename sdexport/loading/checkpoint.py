@@ -20,6 +20,8 @@ from typing import Any
 
 from torch import Tensor
 
+from runtime.schedulers import PREDICTION_TYPES
+
 from . import sgm
 from .errors import CheckpointError
 
@@ -40,7 +42,6 @@ __all__ = [
     "raise_collected",
 ]
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FAMILIES = ("sd1", "sd2", *sgm.FAMILIES)
 DEFAULT_VAE_SCALING = 0.18215
 # The pad token of each family's tokenizers, one per text encoder (CLIP's end-of-text; OpenCLIP pads with

@@ -57,7 +57,7 @@ def load_checkpoint(
 
     - ``path``: a diffusers folder (``model_index.json``), or a ``.safetensors`` / ``.ckpt`` (also
       ``.pt``/``.pth``) single file with the original LDM key names (SDXL: Stability AI's SGM names).
-    - ``prediction_type``: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; overrides the folder's
+    - ``prediction_type``: ``"epsilon"`` or ``"v_prediction"``; overrides the folder's
       scheduler config; for single files the default is ``"epsilon"`` (SD 2.x 768 px checkpoints need
       ``"v_prediction"``).
     - ``dtype``: cast floating-point tensors (default: keep the stored dtype).
