@@ -6,13 +6,14 @@ Each format's modules become plain callables over tensors; no model code is impo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from runtime.adapters import AdapterError, Embedding
 from runtime.backend import ModelInfo
 from runtime.cudagraph import GraphedCall
 from runtime.manifest import DTYPES, TEXT_ENCODERS, ArtifactError, Manifest, read_manifest
@@ -22,6 +23,8 @@ from runtime.tokenizer import ClipTokenizer
 Output = Tensor | tuple[Tensor, ...]  # text_encoder_2 returns (context, pooled)
 Program = Callable[..., Any]  # a loaded program, any format
 Call = Callable[..., Tensor]
+Weights = dict[str, Tensor]  # the live weight tensors of a loaded program (pt2, aoti)
+ADAPTER_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def _version(v: str) -> tuple[int, int]:
@@ -50,7 +53,7 @@ def _load_safetensors(path: Path, device: torch.device) -> dict[str, Tensor]:
     return load_file(str(path), device=str(device))
 
 
-def _pt2(program: Path, weights: Path, device: torch.device) -> Program:
+def _pt2(program: Path, weights: Path, device: torch.device) -> tuple[Program, Weights]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.load(str(program))
@@ -63,11 +66,12 @@ def _pt2(program: Path, weights: Path, device: torch.device) -> Program:
     for name in ep.constants:
         if name in state:
             ep.constants[name] = state[name]
-    module: Program = ep.module().to(device)
-    return module
+    module = ep.module().to(device)
+    live = {**dict(module.named_parameters()), **dict(module.named_buffers())}  # what the graph reads
+    return module, live
 
 
-def _aoti(program: Path, weights: Path, device: torch.device) -> Program:
+def _aoti(program: Path, weights: Path, device: torch.device) -> tuple[Program, Weights]:
     from torch._inductor import aoti_load_package
 
     compiled = aoti_load_package(str(program))
@@ -79,7 +83,7 @@ def _aoti(program: Path, weights: Path, device: torch.device) -> Program:
     # Folded constants are recomputed from these at the first run (runtime constant folding), so a
     # weight swap (LoRA merge, fine-tune) needs no recompile.
     compiled.load_constants({n: state[n] for n in names}, check_full_update=False)
-    return compiled
+    return compiled, {n: state[n] for n in names}  # copied in: changes need `load_constants` again
 
 
 def _torchscript(program: Path, device: torch.device) -> Program:
@@ -108,15 +112,15 @@ def _onnx(program: Path, device: torch.device) -> Callable[..., Output]:
     return run
 
 
-def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device) -> Program:
+def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device) -> tuple[Program, Weights]:
     program = root / files["program"]
     if fmt == "pt2":
         return _pt2(program, root / files["weights"], device)
     if fmt == "aoti":
         return _aoti(program, root / files["weights"], device)
     if fmt == "torchscript":
-        return _torchscript(program, device)
-    return _onnx(program, device)
+        return _torchscript(program, device), {}
+    return _onnx(program, device), {}
 
 
 class ArtifactBackend:
@@ -134,7 +138,10 @@ class ArtifactBackend:
                               force_upcast=m.force_upcast)
         self.tokenizers = tuple(ClipTokenizer.from_json((root / f).read_text(encoding="utf-8"))
                                 for f in m.tokenizer_files)
-        calls = {name: _load(m.format, root, files, device) for name, files in m.modules.items()}
+        loaded = {name: _load(m.format, root, files, device) for name, files in m.modules.items()}
+        calls = {name: program for name, (program, _) in loaded.items()}
+        self._programs = calls
+        self._weights = {name: w for name, (_, w) in loaded.items() if name in ADAPTER_COMPONENTS}
         self._encoders = [(name, calls[name]) for name in TEXT_ENCODERS[m.family]]
         self._decode: Call = calls["vae_decoder"]
         self._encode: Call = calls["vae_encoder"]
@@ -196,6 +203,38 @@ class ArtifactBackend:
     def decode(self, z: Tensor) -> Tensor:
         return self._decode(*_dense(self.vae_dtype, z)).float()
 
+    # ---- adapters (runtime/adapters/session.py) ----------------------------------------------
+    def adapter_weights(self) -> dict[str, Tensor]:
+        """Each module's weights renamed `<module>.<name inside the wrapped model>` (the export wrappers
+        hold the UNet as `unet.`, either text encoder as `text_encoder.`)."""
+        if self.manifest.format not in ("pt2", "aoti"):
+            raise AdapterError(f"LoRA hot swap needs an aoti or pt2 artifact; this one is "
+                               f"{self.manifest.format}: use `sdexport build --lora` for this format")
+        return {f"{module}.{name.partition('.')[2]}": t
+                for module, weights in self._weights.items() for name, t in weights.items()}
+
+    def weights_changed(self, names: Collection[str]) -> None:
+        """aoti programs hold copies of their constants: hand them the changed tensors (no recompile;
+        constants folded from them are folded again at the next run)."""
+        if self.manifest.format != "aoti":
+            return  # pt2 graphs read the tensors themselves
+        for module, weights in self._weights.items():
+            changed = {n: t for n, t in weights.items() if f"{module}.{n.partition('.')[2]}" in names}
+            if changed:
+                program: Any = self._programs[module]
+                program.load_constants(changed, check_full_update=False)
+                if module == "unet" and isinstance(self._unet, GraphedCall):
+                    self._unet.graphs.clear()  # captured against the old constant buffers: capture again
+
+    def add_embedding(self, emb: Embedding) -> None:
+        """Only embeddings built into the artifact (`sdexport build --embedding`): its text encoders take
+        token ids over a fixed token table."""
+        if all(tok.added.get(emb.token) is not None and len(tok.added[emb.token]) == emb.num_vectors
+               for tok in self.tokenizers):
+            return
+        raise AdapterError(f"{emb.token!r}: this artifact has no such token; textual inversion in an "
+                           "artifact needs a rebuild: `sdexport build MODEL --embedding FILE`")
+
     def encode(self, image: Tensor) -> Tensor:
         return self._encode(*_dense(self.vae_dtype, image)).float()
 
@@ -207,11 +246,14 @@ def _dense(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, *, cuda_graphs: bool = True,
-         low_ram: bool = False, verify: bool = True) -> Pipeline:
+         low_ram: bool = False, verify: bool = True, lora_dir: str | Path | None = None,
+         embeddings_dir: str | Path | None = None) -> Pipeline:
     """Load an artifact built by `sdexport build` and return a pipeline with text2img/img2img/inpaint.
 
     device: defaults to the device the artifact was built for. cuda_graphs: capture the UNet step in a
     CUDA graph per input shape (CUDA only). verify: check the sha256 of every file first.
+    lora_dir / embeddings_dir: where `<lora:NAME:0.8>` prompt tags and embedding names are looked up
+    (runtime/adapters/session.py); `pipe.load_lora(path, scale)` swaps LoRAs in with no recompile.
     """
     root = Path(path)
     m = read_manifest(root, verify=verify)
@@ -225,4 +267,6 @@ def load(path: str | Path, device: str | torch.device | None = None, *, cuda_gra
         except (ImportError, OSError, RuntimeError) as e:
             raise ArtifactError(f"{root}: this artifact uses the fused ops, but the op library could not "
                                 f"be loaded: {e}") from None
-    return Pipeline(ArtifactBackend(root, m, dev, cuda_graphs), low_ram=low_ram)
+    pipe = Pipeline(ArtifactBackend(root, m, dev, cuda_graphs), low_ram=low_ram)
+    pipe.set_adapter_dirs(lora_dir, embeddings_dir)
+    return pipe

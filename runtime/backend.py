@@ -6,13 +6,14 @@ Two implementations: eager modules (`sdexport.StableDiffusion`) and a loaded art
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from runtime.adapters.embeddings import Embedding
 from runtime.tokenizer import ClipTokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
@@ -69,4 +70,21 @@ class Backend(Protocol):
     def encode(self, image: Tensor) -> Tensor:
         """(B, 3, H, W) float32 in [-1, 1] -> (B, 2*latent_channels, H/8, W/8) float32 Gaussian moments
         (mean, logvar); the backend casts to its VAE's own dtype."""
+        ...
+
+
+class AdapterBackend(Backend, Protocol):
+    """A backend that takes LoRAs and embeddings (runtime/adapters/session.py)."""
+
+    def adapter_weights(self) -> dict[str, Tensor]:
+        """The live weight tensors LoRAs merge into (changed in place with `copy_`), named
+        `unet.<diffusers name>`, `text_encoder.<transformers name>`, `text_encoder_2.<name>`."""
+        ...
+
+    def weights_changed(self, names: Collection[str]) -> None:
+        """Called after the tensors `names` of `adapter_weights()` changed in place."""
+        ...
+
+    def add_embedding(self, emb: Embedding) -> None:
+        """Add a textual-inversion token to the tokenizers and its vectors to the encoders' token tables."""
         ...

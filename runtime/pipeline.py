@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from runtime.adapters.session import Active, AdapterMixin
 from runtime.backend import Backend
 from runtime.conditioning import Size, SizeConditioning, default_scheduler, time_id_rows
 from runtime.inputs import ImageInput, batch_from, prompt_lists, repeat, seeds, to_image_tensor, to_mask_tensor
@@ -60,6 +61,7 @@ class _Job:
     strength: float
     size: SizeConditioning  # SDXL added conditioning (checked against the model)
     text2img: bool
+    loras: Active = ()  # the prompts' <lora:...> tags, resolved
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class _Conditioning:
     unet_extra: Tensor | None = None  # 9-channel inpaint: (N, 5, h, w) mask and masked-image latents
 
 
-class Pipeline:
+class Pipeline(AdapterMixin):
     """Generates images with a backend. `low_ram` runs the two CFG halves one after the other.
 
     Prompts: `syntax` "sdfused" (default) or "a1111" (A1111's reading, its composable-prompt weights;
@@ -81,11 +83,14 @@ class Pipeline:
     original_size / target_size (h, w; default the image size), crops_coords_top_left (y, x; (0, 0)),
     their negative_* forms (base), aesthetic_score / negative_aesthetic_score (refiner; 6.0 / 2.5).
     `scheduler` None: the model's default (SDXL: euler; SD 1.x/2.x: ddim).
+    LoRAs and embeddings (`load_lora`, `unload_loras`, `loras`, `load_embedding`, `set_adapter_dirs`,
+    `<lora:NAME:SCALE>` prompt tags; a batch must carry one tag set): runtime/adapters/session.py.
     """
 
     def __init__(self, backend: Backend, low_ram: bool = False) -> None:
         self.backend = backend
         self.sequential_cfg = low_ram
+        self._adapter_init()
 
     # ---- public API -------------------------------------------------------------------------
     def text2img(
@@ -205,7 +210,8 @@ class Pipeline:
              batch_size: int, strength: float, size: SizeConditioning, options: _Prompts, text2img: bool) -> _Job:
         prompts, negatives = prompt_lists(prompt, negative, batch_size)
         check_prompt_options(options.syntax, options.emphasis)
-        texts, guidance = composable(prompts, options.syntax)
+        untagged, loras = self._prompt_adapters(prompts, negatives)
+        texts, guidance = composable(untagged, options.syntax)
         n = len(prompts)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -224,7 +230,8 @@ class Pipeline:
             raise ValueError("a composable-prompt weight (a trailing ':w' under syntax='a1111') needs "
                              f"guidance (scale > 1), got scale={scale!r}")
         return _Job(prompts, negatives, texts, guidance, options, steps, float(scale), height, width,
-                    seeds(seed, n), scheduler, float(eta), float(strength), size.checked(self.backend.info), text2img)
+                    seeds(seed, n), scheduler, float(eta), float(strength), size.checked(self.backend.info), text2img,
+                    loras)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _generate(self, job: _Job, image: Tensor | None, mask: Tensor | None, latents: Tensor | None,
@@ -233,6 +240,7 @@ class Pipeline:
             raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
         guided = job.scale > 1.0  # as diffusers: guidance off for scale <= 1
         shape = self._check_request(job, mask, latents, guided)
+        self._use_tags(job.loras)
         schedule = make_schedule(job.scheduler, SchedulerConfig.from_dict(self.backend.info.scheduler_config),
                                  job.steps, job.strength)
         gens = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
@@ -344,12 +352,13 @@ class Pipeline:
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         pil = Image.fromarray(arr)
         info = self.backend.info
+        loras, tis = self._adapter_hashes(job.prompts[i], job.negatives[i])
         pil.info["parameters"] = format_parameters(Parameters(
             prompt=job.prompts[i], negative_prompt=job.negatives[i], steps=job.steps,
             sampler=job.scheduler, cfg_scale=job.scale, seed=job.seeds[i], width=job.width,
             height=job.height, model_hash=info.hash, model=info.name,
             strength=job.strength if job.strength < 1.0 else None, syntax=job.options.syntax,
-            emphasis=job.options.emphasis))
+            emphasis=job.options.emphasis, lora_hashes=loras, ti_hashes=tis))
         return pil
 
 

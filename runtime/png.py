@@ -28,6 +28,8 @@ class Parameters:
     strength: float | None = None  # img2img / inpaint "Denoising strength"
     syntax: str = "a1111"  # prompt syntax (runtime.prompt); written when not A1111's
     emphasis: str = "a1111"  # emphasis mode; written when not A1111's default ("Original")
+    lora_hashes: str = ""  # A1111 `Lora hashes`: "name: hash, name: hash"
+    ti_hashes: str = ""  # A1111 `TI hashes`: "name: hash, ..."
 
 
 def format_parameters(p: Parameters) -> str:
@@ -47,6 +49,10 @@ def format_parameters(p: Parameters) -> str:
         fields.append(f"Model: {p.model}")
     if p.strength is not None:
         fields.append(f"Denoising strength: {p.strength:g}")
+    if p.lora_hashes:
+        fields.append(f'Lora hashes: "{p.lora_hashes}"')
+    if p.ti_hashes:
+        fields.append(f'TI hashes: "{p.ti_hashes}"')
     fields += _prompt_fields(p.syntax, p.emphasis)
     lines.append(", ".join(fields))
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 __all__ = [
@@ -257,6 +257,20 @@ class ClipTokenizer:
         if max_length < 3:
             raise ValueError(f"max_length must be >= 3, got {max_length}")
         self.max_length = max_length
+        self.added: dict[str, list[int]] = {}  # textual inversion: name -> its ids (several for multi-vector)
+
+    def add_tokens(self, name: str, count: int = 1) -> list[int]:
+        """Add `name` (and `name_1` .. `name_{count-1}`, as diffusers names multi-vector embeddings) as
+        tokens with new ids after the vocabulary; `name` in a text then stands for all `count` ids."""
+        names = [name] + [f"{name}_{i}" for i in range(1, count)]
+        taken = [n for n in names if self._tok.token_to_id(n) is not None]
+        if taken:
+            raise ValueError(f"token {taken[0]!r} is already in the tokenizer")
+        self._tok.add_tokens([AddedToken(n, single_word=False, lstrip=False, rstrip=False, normalized=True)
+                              for n in names])
+        ids = [int(self._tok.token_to_id(n) or 0) for n in names]
+        self.added[name] = ids
+        return ids
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -325,6 +339,7 @@ class ClipTokenizer:
             "pad_id": self.pad_id,
             "max_length": self.max_length,
             "tokenizer": self._tok.to_str(),  # tokenizers' tokenizer.json, as a string
+            "added": self.added,  # textual-inversion names -> ids (optional; absent before LoRA/TI support)
         }
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
@@ -346,6 +361,7 @@ class ClipTokenizer:
         except Exception as e:
             raise TokenizerFileError(f"corrupt serialised ClipTokenizer: {e}") from e
         tok = cls(backend, pad_token=pad, max_length=max_length)
+        tok.added = {str(k): [int(i) for i in v] for k, v in dict(doc.get("added") or {}).items()}
         expected = (doc.get("bos_id"), doc.get("eos_id"), doc.get("pad_id"))
         if expected != (tok.bos_id, tok.eos_id, tok.pad_id):
             raise TokenizerFileError(
@@ -398,7 +414,11 @@ class ClipTokenizer:
 
     def tokenize(self, text: str) -> list[int]:
         """BPE ids of ``text``, without BOS/EOS, padding or truncation."""
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        if not self.added:
+            return ids
+        expand = {v[0]: v for v in self.added.values()}
+        return [j for i in ids for j in expand.get(i, [i])]
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` (special tokens dropped), word ends turned into spaces as CLIP does."""

@@ -43,6 +43,33 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _lora_spec(spec: str) -> tuple[Path, float]:
+    """`PATH[:SCALE]` -> (path, scale); the scale defaults to 1."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def _adapter_options(fn: F) -> F:
+    """--lora PATH[:SCALE] and --embedding PATH, repeatable."""
+    fn = click.option("--embedding", "embeddings", multiple=True, type=click.Path(exists=True, path_type=Path),
+                      help="textual-inversion embedding (token: the file's stem); repeatable")(fn)
+    return click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+                        help="LoRA / LyCORIS file merged into the weights, scale 1 by default; repeatable")(fn)
+
+
+def _load_adapters(pipe: Any, loras: tuple[str, ...], embeddings: tuple[Path, ...]) -> None:
+    for path in embeddings:
+        pipe.load_embedding(path)
+    for spec in loras:
+        info = pipe.load_lora(*_lora_spec(spec))
+        click.echo(f"LoRA {info.summary}")
+
+
 def _stage_bar(label: str, total: int) -> tuple[Callable[[str], None], Callable[[], None]]:
     from tqdm import tqdm
 
@@ -82,10 +109,11 @@ def main() -> None:
 @click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
               help="override (single-file SD 2 768 checkpoints need v_prediction)")
 @click.option("--force", is_flag=True, help="replace an existing artifact")
+@_adapter_options
 @_friendly
 def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str, max_batch: int,
           min_size: int | None, max_size: int | None, max_chunks: int, prediction_type: str | None,
-          force: bool) -> None:
+          force: bool, loras: tuple[str, ...], embeddings: tuple[Path, ...]) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or a preset) into an artifact."""
     from sdexport.export.build import build as run_build
 
@@ -94,6 +122,7 @@ def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str
     opts.validate()
     t0 = time.perf_counter()
     sd = open_model(model, prediction_type)
+    _load_adapters(sd, loras, embeddings)
     step, close = _stage_bar(f"build {fmt}", len(modules_for(sd.info.family)))
     report = run_build(sd, out, opts, overwrite=force, on_stage=step)
     close()
@@ -109,14 +138,17 @@ def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str
 @click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
               help="override (single-file SD 2 768 checkpoints need v_prediction)")
 @click.option("--force", is_flag=True, help="replace an existing directory")
+@_adapter_options
 @_friendly
-def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, force: bool) -> None:
+def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, force: bool,
+          loras: tuple[str, ...], embeddings: tuple[Path, ...]) -> None:
     """Put MODEL's weights (a fine-tune or merged LoRA of the same architecture) into a copy of ARTIFACT,
     without recompiling. Works for aoti and pt2 artifacts, whose weights sit beside the program."""
     from sdexport.export.refit import refit as run_refit
 
     t0 = time.perf_counter()
     sd = open_model(model, prediction_type)
+    _load_adapters(sd, loras, embeddings)
     step, close = _stage_bar("refit", len(modules_for(sd.info.family)))
     manifest = run_refit(artifact, sd, out, overwrite=force, on_stage=step)
     close()
@@ -153,6 +185,11 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
               help="prompt grammar: ours (A1111's plus `(words):1.3`) or exactly A1111's")
 @click.option("--emphasis", type=click.Choice(EMPHASIS_MODES), default=EMPHASIS_MODES[0], show_default=True,
               help="how weights act: on cross-attention values, A1111's 'Original', or not at all")
+@click.option("--lora-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="where prompt tags <lora:NAME:0.8> find NAME.safetensors")
+@click.option("--embeddings-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="embeddings used by writing their file stem in a prompt")
+@_adapter_options
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("."), show_default=True)
 @_friendly
 def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, width: int | None,
@@ -160,7 +197,8 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
              init_image: Path | None, mask: Path | None, device: str | None, cuda_graphs: bool,
              original_size: tuple[int, int] | None, crop: tuple[int, int] | None,
              target_size: tuple[int, int] | None, aesthetic_score: float | None, syntax: str, emphasis: str,
-             out: Path) -> None:
+             lora_dir: Path | None, embeddings_dir: Path | None, loras: tuple[str, ...],
+             embeddings: tuple[Path, ...], out: Path) -> None:
     """Generate PNGs (with A1111-style metadata) from MODEL: an artifact, a checkpoint or a preset."""
     from tqdm import tqdm
 
@@ -180,6 +218,8 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
         pipe = open_model(model)
         if device is not None:
             pipe.to(device)
+    pipe.set_adapter_dirs(lora_dir, embeddings_dir)
+    _load_adapters(pipe, loras, embeddings)
     loaded = time.perf_counter() - t0
     bars: list[Any] = []  # made at the first step, so that a rejected request prints no bar
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from runtime.adapters import AdapterError, Embedding
 from runtime.backend import ModelInfo
 from runtime.pipeline import Pipeline
 from runtime.tokenizer import ClipTokenizer
@@ -94,6 +95,41 @@ class EagerBackend:
         mean, logvar = self.vae.moments(image.to(self.vae.dtype))
         return torch.cat([mean, logvar], dim=1).float()
 
+    # ---- adapters (runtime/adapters/session.py) ----------------------------------------------
+    def _components(self) -> dict[str, UNet | TextModule]:
+        names = ["text_encoder_2" if isinstance(e, TextEncoderWithProjection) else "text_encoder"
+                 for e in self.text_encoders]
+        return {"unet": self.unet_module, **dict(zip(names, self.text_encoders, strict=True))}
+
+    def adapter_weights(self) -> dict[str, Tensor]:
+        return {f"{c}.{n}": p for c, m in self._components().items() for n, p in m.named_parameters()}
+
+    def weights_changed(self, names: Collection[str]) -> None:
+        pass  # the modules compute with the tensors themselves
+
+    def add_embedding(self, emb: Embedding) -> None:
+        encoders = [(c, e) for c, e in self._components().items() if not isinstance(e, UNet)]
+        comps = [(c, _token_table(e), tok) for (c, e), tok in zip(encoders, self.tokenizers, strict=True)]
+        vectors = emb.for_encoders({c: int(t.weight.shape[1]) for c, t, _ in comps})
+        for c, table, tok in comps:  # everything checked before anything changes
+            if tok.vocab_size != table.num_embeddings:
+                raise AdapterError(f"{c}: the tokenizer has {tok.vocab_size} tokens, the token table "
+                                   f"{table.num_embeddings} rows; cannot add {emb.token!r}")
+            if emb.token in tok.added:
+                raise AdapterError(f"{emb.token!r} is already a token of this model")
+        for c, table, tok in comps:
+            ids = tok.add_tokens(emb.token, emb.num_vectors)
+            w = table.weight
+            assert ids[0] == w.shape[0], (ids, w.shape)
+            table.weight = torch.nn.Parameter(torch.cat([w.detach(), vectors[c].to(w)]), requires_grad=False)
+            table.num_embeddings = int(table.weight.shape[0])
+
+
+def _token_table(encoder: TextModule) -> torch.nn.Embedding:
+    inner = encoder.text_model if isinstance(encoder, TextEncoderWithProjection) else encoder
+    table: torch.nn.Embedding = inner.embeddings.token_embedding  # type: ignore[assignment]
+    return table
+
 
 def _text_encoders(family: str, text_config: Mapping[str, Any] | None, text_config_2: Mapping[str, Any] | None,
                    clip_skip: int) -> tuple[TextModule, ...]:
@@ -171,11 +207,15 @@ class StableDiffusion(Pipeline):
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, *, prediction_type: str | None = None,
-                        clip_skip: int = 1, configs: Mapping[str, Mapping[str, Any]] | None = None
+                        clip_skip: int = 1, configs: Mapping[str, Mapping[str, Any]] | None = None,
+                        lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None
                         ) -> StableDiffusion:
-        """Load a diffusers folder or a single-file `.safetensors` / `.ckpt` checkpoint (float32, CPU)."""
+        """Load a diffusers folder or a single-file `.safetensors` / `.ckpt` checkpoint (float32, CPU).
+        lora_dir / embeddings_dir: see `set_adapter_dirs` (prompt tags, embeddings by name)."""
         ck = load_checkpoint(path, prediction_type=prediction_type, configs=configs)
-        return cls.from_checkpoint(ck, clip_skip=clip_skip)
+        sd = cls.from_checkpoint(ck, clip_skip=clip_skip)
+        sd.set_adapter_dirs(lora_dir, embeddings_dir)
+        return sd
 
     @classmethod
     def from_checkpoint(cls, ck: Checkpoint, clip_skip: int = 1) -> StableDiffusion:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from runtime.manifest import DTYPES, Manifest, modules_for, read_manifest
+from runtime.tokenizer import ClipTokenizer
 from sdexport.export.build import (
     Exportable,
     StageCallback,
@@ -55,6 +56,17 @@ def _check(name: str, stored: dict[str, tuple[int, ...]], tensors: dict[str, tor
         raise ValueError(f"the new model's {name} does not fit the artifact: " + "; ".join(problems[:5]) + more)
 
 
+def _check_tokens(src: Path, manifest: Manifest, sd: Exportable) -> None:
+    """Textual-inversion tokens grow the token table the programs were compiled for: the model must have
+    exactly the artifact's (`sdexport build --embedding` adds new ones)."""
+    built = [ClipTokenizer.from_json((src / f).read_text(encoding="utf-8")).added for f in manifest.tokenizer_files]
+    have = [t.added for t in sd.tokenizers]
+    if built != have:
+        names = sorted({n for a in built for n in a}), sorted({n for a in have for n in a})
+        raise ValueError(f"the artifact was built with the embeddings {names[0]}, the model has {names[1]}: "
+                         "embeddings change the compiled token table; rebuild with `sdexport build --embedding`")
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to("cpu", dtype if t.is_floating_point() else None).contiguous()
 
@@ -82,6 +94,7 @@ def refit(artifact: str | Path, sd: Exportable, out: str | Path, *, overwrite: b
         if fields[key] != getattr(manifest, key):
             raise ValueError(f"the new model's {key} is {fields[key]!r}, the artifact was built for "
                              f"{getattr(manifest, key)!r}")
+    _check_tokens(src, manifest, sd)
     names = modules_for(manifest.family)
     modules = export_modules(sd)
     stored = {name: _stored(src / manifest.modules[name]["weights"]) for name in names}

@@ -1,0 +1,217 @@
+"""LoRAs and embeddings on a loaded pipeline, eager or deployed: the part of `runtime.pipeline.Pipeline`
+that talks to `Backend.adapter_weights()` (the live weight tensors, `unet.<name>`, `text_encoder.<name>`,
+`text_encoder_2.<name>`).
+
+    pipe.load_lora("detail.safetensors", 0.8)   # stacks additively with the LoRAs already loaded
+    pipe.unload_loras()                          # the weights as loaded, bit for bit
+    pipe.set_adapter_dirs(lora_dir=..., embeddings_dir=...)
+    pipe.text2img("a <lora:detail:0.6> photo of mystyle")   # A1111 tags, embeddings by name
+
+Prompt tags `<lora:NAME>` / `<lora:NAME:SCALE>` name a file stem in `lora_dir`; they are removed from
+the prompts before encoding and their set is merged for the call (the same set as the previous call:
+no work). As in A1111, negative prompts are left as written (tags there are neither applied nor
+removed). Every prompt of a batch must carry the same set of tags (or none): different sets in one
+batch are refused. Weights change in place (`copy_` into each tensor's own storage): no recompile.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from runtime.adapters.embeddings import Embedding, read_embedding
+from runtime.adapters.files import AdapterError, FileInfo, file_info, same_file
+from runtime.adapters.keys import Resolved, resolve
+from runtime.adapters.lora import read_lora
+from runtime.adapters.merge import LoraMerger
+from runtime.backend import AdapterBackend, Backend
+
+__all__ = ["PREFIXES", "AdapterMixin", "LoadedLora", "parse_tags"]
+
+PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
+_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
+_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
+Active = tuple[tuple[Resolved, float], ...]
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """One merged LoRA: its name (file stem), scale, A1111 short hash and what it adapted."""
+
+    name: str
+    scale: float
+    hash: str
+    report: dict[str, int]  # component -> number of adapted weights
+    summary: str
+    tag: bool = False  # from a prompt tag (this call) rather than load_lora
+
+
+def parse_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """A prompt without its `<lora:NAME[:SCALE]>` tags, and the tags (scale 1 when not given)."""
+    tags: list[tuple[str, float]] = []
+
+    def take(m: re.Match[str]) -> str:
+        name, scale = m[1].strip(), (m[2] or "1").strip()
+        if not name or any(c in name for c in "/\\") or ".." in name:
+            raise AdapterError(f"{m[0]}: a LoRA tag names a file stem in lora_dir (no paths)")
+        try:
+            value = float(scale)
+        except ValueError:
+            raise AdapterError(f"{m[0]}: the scale must be one number (<lora:NAME:0.8>)") from None
+        tags.append((name, value))
+        return ""
+
+    return _TAG.sub(take, prompt), tags
+
+
+def _loaded(r: Resolved, scale: float, tag: bool) -> LoadedLora:
+    try:
+        h = r.lora.a1111_hash
+    except AdapterError:
+        h = ""
+    return LoadedLora(r.lora.name, float(scale), h, r.report(), r.summary(), tag)
+
+
+class AdapterMixin:
+    """LoRA / embedding methods of a pipeline over `self.backend` (module docstring)."""
+
+    backend: Backend
+
+    def _adapter_init(self) -> None:
+        self._merger: LoraMerger | None = None
+        self._explicit: Active = ()
+        self._tags: Active = ()
+        self._cache: dict[Path, tuple[FileInfo, Resolved]] = {}
+        self._lora_dir: Path | None = None
+        self._emb_dir: Path | None = None
+        self._embeddings: dict[str, Embedding] = {}
+
+    # ---- public API -------------------------------------------------------------------------
+    def set_adapter_dirs(self, lora_dir: str | Path | None = None,
+                         embeddings_dir: str | Path | None = None) -> None:
+        """Where `<lora:NAME>` tags and embedding names in prompts are looked up (file stems)."""
+        for d in (lora_dir, embeddings_dir):
+            if d is not None and not Path(d).is_dir():
+                raise AdapterError(f"{d}: not a directory")
+        self._lora_dir = None if lora_dir is None else Path(lora_dir)
+        self._emb_dir = None if embeddings_dir is None else Path(embeddings_dir)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> LoadedLora:
+        """Merge a LoRA / LyCORIS file into the weights, on top of the ones loaded (they add up).
+        A file that does not fit the model is an error listing the unmatched keys; nothing changes."""
+        r = self._resolved(Path(path))
+        self._merge((*self._explicit, (r, float(scale))), self._tags)
+        return _loaded(r, scale, False)
+
+    def unload_loras(self) -> None:
+        """Every LoRA out (explicit and tag ones): the weights exactly as loaded."""
+        if self._merger is not None and self._merger.unload():
+            self._be().weights_changed(set(self._merger.weights))
+        self._explicit, self._tags = (), ()
+
+    @property
+    def loras(self) -> list[LoadedLora]:
+        """The LoRAs merged now, in order, with what each adapted."""
+        return [_loaded(r, s, False) for r, s in self._explicit] + [_loaded(r, s, True) for r, s in self._tags]
+
+    @property
+    def lora_merges(self) -> int:
+        """How many merges were done (a call with the same LoRA set as the previous one does none)."""
+        return 0 if self._merger is None else self._merger.merges
+
+    def load_embedding(self, path: str | Path, token: str | None = None) -> Embedding:
+        """Add a textual-inversion embedding: its token (default the file's stem) in prompts stands for
+        its vectors. Eager models only; an artifact needs `sdexport build --embedding`."""
+        emb = read_embedding(path, token)
+        if emb.token in self._embeddings:
+            raise AdapterError(f"an embedding named {emb.token!r} is already loaded")
+        self._be().add_embedding(emb)
+        self._embeddings[emb.token] = emb
+        return emb
+
+    @property
+    def embeddings(self) -> dict[str, Embedding]:
+        return dict(self._embeddings)
+
+    # ---- used by the pipeline -----------------------------------------------------------------
+    def _prompt_adapters(self, prompts: Sequence[str], negatives: Sequence[str]) -> tuple[list[str], Active]:
+        """Prompts without their LoRA tags and the tag set (refused when it differs within the batch);
+        embeddings of `embeddings_dir` named in the prompts get loaded."""
+        parsed = [parse_tags(p) for p in prompts]
+        sets = {tuple(t) for _, t in parsed}
+        if len(sets) > 1:
+            raise AdapterError("the prompts of one batch carry different <lora:...> tags; one set per call "
+                               "(run the prompts in separate calls)")
+        tags = next(iter(sets)) if sets else ()
+        if tags and self._lora_dir is None:
+            raise AdapterError("a prompt has <lora:...> tags, but no lora_dir was given")
+        active = tuple((self._resolved(self._find(self._lora_dir, n, "LoRA")), s) for n, s in tags)
+        self._dir_embeddings([*prompts, *negatives])
+        return [t for t, _ in parsed], active
+
+    def _use_tags(self, tags: Active) -> None:
+        if tags or self._tags:
+            self._merge(self._explicit, tags)
+
+    def _adapter_hashes(self, prompt: str, negative: str) -> tuple[str, str]:
+        """A1111's `Lora hashes` and `TI hashes` values for one image."""
+        loras = ", ".join(f"{x.name}: {x.hash}" for x in self.loras if x.hash)
+        text = f"{prompt} {negative}"
+        tis = ", ".join(f"{e.token}: {e.a1111_hash}" for e in self._embeddings.values()
+                        if e.info is not None and _named(e.token, text))
+        return loras, tis
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _be(self) -> AdapterBackend:
+        if not hasattr(self.backend, "adapter_weights"):
+            raise AdapterError(f"{type(self.backend).__name__} takes no LoRAs or embeddings")
+        return cast(AdapterBackend, self.backend)
+
+    def _merge(self, explicit: Active, tags: Active) -> None:
+        if self._merger is None:
+            self._merger = LoraMerger(self._be().adapter_weights())
+        merger = self._merger
+        old = merger.active
+        try:
+            changed = merger.set([*explicit, *tags])
+        except BaseException:
+            merger.set(old)  # the merger restored the originals; put the previous set back
+            self._be().weights_changed(set(merger.weights))
+            raise
+        if changed:
+            self._be().weights_changed(set(merger.weights))
+        self._explicit, self._tags = explicit, tags
+
+    def _resolved(self, path: Path) -> Resolved:
+        hit = self._cache.get(path)
+        if hit is not None and same_file(hit[0], path):
+            return hit[1]
+        lora = read_lora(path)
+        shapes = {k: tuple(t.shape) for k, t in self._be().adapter_weights().items()}
+        r = resolve(lora, shapes, PREFIXES)
+        self._cache[path] = (lora.info or file_info(path), r)
+        return r
+
+    def _find(self, folder: Path | None, name: str, what: str) -> Path:
+        assert folder is not None
+        for suffix in _SUFFIXES:
+            p = folder / f"{name}{suffix}"
+            if p.is_file():
+                return p
+        raise AdapterError(f"no {what} named {name!r} in {folder} (looked for {name}{{{','.join(_SUFFIXES)}}})")
+
+    def _dir_embeddings(self, texts: Sequence[str]) -> None:
+        if self._emb_dir is None:
+            return
+        text = " ".join(texts)
+        for p in sorted(self._emb_dir.iterdir()):
+            stem = p.stem
+            if p.suffix in _SUFFIXES and stem not in self._embeddings and _named(stem, text):
+                self.load_embedding(p)
+
+
+def _named(token: str, text: str) -> bool:
+    return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", text, re.IGNORECASE) is not None
