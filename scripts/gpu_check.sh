@@ -10,6 +10,7 @@
 #   bash scripts/gpu_check.sh bench-sdxl   # sdexport bench sdxl: UNet step at 1024 px CFG batch 2, VAE, image
 #   bash scripts/gpu_check.sh aoti         # SD 1.5 --half AOTInductor build, cold start, bench, profile
 #   bash scripts/gpu_check.sh formats      # build time and cold start per format (medium preset)
+#   bash scripts/gpu_check.sh lora         # LoRA load / swap / unload time, sd15 rank 32, fp16 (eager + aoti)
 #
 # Several phases may be named in one call (GPU_CHECK_PHASES="..." works too); every phase first
 # builds if the library is missing or lacks its CUDA kernels.  Each step runs under `timeout`;
@@ -165,6 +166,12 @@ if want formats; then
   step "build time and cold start per format: medium, fp16, 256 px ($fmts)"
   run 480 "$PY" scripts/bench_formats.py medium --device cuda --half --kernels fused --size 256 --steps 20 \
     --formats "$fmts" --json "$RES/formats_medium.json"
+fi
+# LoRA hot swap (#12): goal <= 1 s for an SD 1.5-size rank-32 LoRA; eager, and a 64 px aoti build of sd15.
+if want lora; then
+  step "LoRA swap time: sd15, rank 32, fp16, eager and aoti (64 px build)"
+  run 420 "$PY" scripts/bench_lora.py sd15 --rank 32 --device cuda --half --repeat 5 --build-artifact aoti \
+    --json "$RES/bench_lora_sd15.json"
 fi
 
 step "done (rc=$rc)"

@@ -190,9 +190,27 @@ def test_cli_build_refit_and_generate_with_lora(sd1_folder: Path, base_art: Path
 
     text = Image.open(tmp_path / "png" / "1.png").info["parameters"]
     assert 'Lora hashes: "peft: ' in text and ", kohya: " in text and "<lora:kohya:0.6>" in text
+    r = runner.invoke(main, ["build", str(sd1_folder), "-o", str(tmp_path / "b"), "--format", "pt2", "--kernels",
+                             "native", "--max-batch", "1", "--min-size", "64", "--max-size", "64", "--max-chunks",
+                             "1", "--lora", f"{loras['peft']}:-0.5"])
+    assert r.exit_code == 0, r.output
+    assert _err(_image(runtime.load(tmp_path / "b")), _cached_reference(sd1_folder, loras["peft"], -0.5)) <= TOL
     r = runner.invoke(main, ["generate", str(base_art), "-p", "x <lora:missing>", "--lora-dir",
                              str(loras["kohya"].parent), "-o", str(tmp_path / "png")])
     assert r.exit_code != 0 and "no LoRA named 'missing'" in r.output
+
+
+def test_tag_and_option_parsing_and_png_fields() -> None:
+    from runtime.adapters.session import parse_tags
+    from runtime.png import Parameters, format_parameters
+    from sdexport.cli import _lora_spec
+
+    assert parse_tags("a <lora:x:0.5> b<lora:y>") == ("a  b", [("x", 0.5), ("y", 1.0)])
+    assert _lora_spec("C:/l/x.safetensors:0.7") == (Path("C:/l/x.safetensors"), 0.7)
+    assert _lora_spec("C:/l/x.safetensors") == (Path("C:/l/x.safetensors"), 1.0)
+    text = format_parameters(Parameters("p", "", 20, "euler", 7.0, 1, 512, 512, lora_hashes="a: 0123, b: 4567",
+                                        ti_hashes="emb: 89ab"))
+    assert text.endswith('Lora hashes: "a: 0123, b: 4567", TI hashes: "emb: 89ab"')
 
 
 # ---- stacking, tags, no re-merge ------------------------------------------------------------------
