@@ -1,6 +1,9 @@
 """SDXL artifacts (base and refiner, tiny random models, float32): every format built and loaded by
-`runtime.load` matches the eager pipeline (<= 1e-3 max abs), and diffusers in a fresh process that cannot
-import sdexport, transformers or diffusers; refit, --half, the CLI and bad input."""
+`runtime.load` matches the eager pipeline (<= 1e-3 max abs); pt2 base and refiner artifacts, each run in ONE
+fresh process that cannot import sdexport, transformers or diffusers, match diffusers' SDXL pipelines
+(text2img for every scheduler, empty / non-empty negatives, size conditioning, img2img, inpaint, emphasis
+against value rows scaled in diffusers' cross-attention, refiner img2img with aesthetic scores); refit,
+--half, the CLI and bad input."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 import runtime
+from runtime.samplers import SCHEDULER_NAMES
 from sdexport import StableDiffusion
 from sdexport.cli import main
 from sdexport.export.build import BuildOptions, build
@@ -110,9 +114,11 @@ def test_other_formats_match_eager(fmt: str, base: StableDiffusion, base_eager: 
     _close(got, {"t2i_sizes_b2": base_eager["t2i_sizes_b2"]}, fmt)
 
 
-# The child process: model-code packages blocked, the artifact loaded, the diffusers cases run.
+# ---- a fresh process against diffusers ------------------------------------------------------------
+# The child process: model-code packages blocked, the artifact loaded by `runtime.load`, every case run;
+# the images come back in a torch.save file. Cases are literals (ast.literal_eval) naming their tensors.
 CHILD = r"""
-import sys, importlib.abc
+import ast, sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("sdexport", "transformers", "diffusers"):
@@ -120,48 +126,192 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, Block())
 import torch, runtime
-art, out = sys.argv[1], sys.argv[2]
-jobs = torch.load(sys.argv[3], weights_only=True)
+art, cases_file, tensors_file, out = sys.argv[1:5]
+tensors = torch.load(tensors_file, weights_only=True)
+cases = ast.literal_eval(open(cases_file).read())
 pipe = runtime.load(art)
 res = {}
-res["empty_negative"] = pipe.text2img("a red fox in the snow", "", steps=3, height=64, width=64, scale=5.0,
-                                      latents=jobs["lat1"], scheduler="euler", output="tensor")
-res["sizes"] = pipe.text2img("a red fox in the snow", "blurry", steps=3, height=64, width=64, scale=5.0,
-                             latents=jobs["lat1"], scheduler="euler", output="tensor", original_size=(96, 80),
-                             crops_coords_top_left=(8, 4), target_size=(64, 64))
+for name, case in cases.items():
+    kw = dict(case["kwargs"])
+    for key, tensor in case.get("tensors", {}).items():
+        kw[key] = tensors[tensor]
+    args = [tensors[t] for t in case.get("inputs", ())]
+    res[name] = getattr(pipe, case["method"])(*args, case["prompt"], case["negative"], output="tensor", **kw)
 assert "sdexport" not in sys.modules and "transformers" not in sys.modules and "diffusers" not in sys.modules
 torch.save(res, out)
 """
 
+NEG = "blurry, low quality"
+DETERMINISTIC = [s for s in SCHEDULER_NAMES if s != "euler_a"]
+# Size conditioning (base): the positive ids alone, then with every negative id set.
+FULL_SIZES: list[dict[str, Any]] = [
+    {"original_size": (128, 96), "crops_coords_top_left": (8, 16), "target_size": (64, 48)},
+    {"original_size": (128, 96), "crops_coords_top_left": (8, 16), "negative_original_size": (32, 40),
+     "negative_crops_coords_top_left": (4, 0), "negative_target_size": (48, 56)},
+]
+I2I_SIZES: dict[str, Any] = {"original_size": (96, 80), "crops_coords_top_left": (8, 4),
+                             "negative_original_size": (40, 40)}
+REFINER_SIZES: dict[str, Any] = {"aesthetic_score": 7.0, "negative_aesthetic_score": 2.0,
+                                 "negative_crops_coords_top_left": (4, 8), "original_size": (80, 72)}
 
-def _diffusers_reference(folder: Path, lat: torch.Tensor) -> dict[str, torch.Tensor]:
-    import diffusers
 
-    d: Any = diffusers
-    pipe = d.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    common: dict[str, Any] = dict(num_inference_steps=3, height=64, width=64, guidance_scale=5.0, output_type="pt")
-    out = {
-        # our "" is diffusers' None: force_zeros_for_empty_prompt gives zero negative context and pooled
-        "empty_negative": pipe("a red fox in the snow", negative_prompt=None, latents=lat.clone(), **common).images,
-        "sizes": pipe("a red fox in the snow", negative_prompt="blurry", latents=lat.clone(), original_size=(96, 80),
-                      crops_coords_top_left=(8, 4), target_size=(64, 64), **common).images,
-    }
-    return {k: v.float().cpu() for k, v in out.items()}
+def _t2i(prompt: Any, negative: str, latents: str, **kwargs: Any) -> dict[str, Any]:
+    return {"method": "text2img", "prompt": prompt, "negative": negative, "tensors": {"latents": latents},
+            "kwargs": {"steps": 3, "height": 64, "width": 64, **kwargs}}
+
+
+def _base_cases() -> dict[str, dict[str, Any]]:
+    """The base model's cases (our keyword arguments; "ref" holds what differs on diffusers' side)."""
+    cases: dict[str, dict[str, Any]] = {
+        f"t2i_{s}": _t2i("a photo of a red fox", NEG, "lat1", scale=6.0, scheduler=s) for s in DETERMINISTIC}
+    cases["t2i_euler_a"] = {"method": "text2img", "prompt": "a cat", "negative": "",
+                            "kwargs": {"steps": 3, "height": 64, "width": 64, "scale": 7.5, "scheduler": "euler_a",
+                                       "seed": 11}}
+    # no scheduler: the folder's Euler; our "" is diffusers' None (force_zeros_for_empty_prompt)
+    cases["t2i_empty_negative_b2"] = _t2i(["an astronaut riding a horse", "a bowl of fruit"], "", "lat2b",
+                                          scale=5.0)
+    cases["t2i_empty_negative"] = _t2i("a red fox in the snow", "", "lat1", scale=5.0, scheduler="euler")
+    for i, size in enumerate(FULL_SIZES):
+        cases[f"t2i_sizes_{i}"] = _t2i("a lighthouse", NEG, "lat3", scale=7.5, scheduler="euler", **size)
+    for tag, negative in (("empty", ""), ("neg", NEG)):
+        cases[f"i2i_{tag}"] = {"method": "img2img", "prompt": "a watercolor landscape", "negative": negative,
+                               "inputs": ["image3"],
+                               "kwargs": {"strength": 0.6, "steps": 5, "scale": 7.5, "seed": 5, "scheduler": "euler",
+                                          **I2I_SIZES}}
+    for strength in (1.0, 0.7):
+        cases[f"inpaint_{strength:g}"] = {
+            "method": "inpaint", "prompt": "a red door", "negative": "", "inputs": ["image4", "mask"],
+            "kwargs": {"strength": strength, "steps": 5, "scale": 7.5, "seed": 9, "scheduler": "euler"}}
+    for weight in (0.0, 1.5):
+        case = _t2i(f"a (red):{weight:g} fox", NEG, "lat4", scale=7.5, scheduler="euler")
+        case["ref"] = {"prompt": "a red fox", "emphasis": weight}
+        cases[f"emphasis_{weight:g}"] = case
+    return cases
+
+
+def _refiner_cases() -> dict[str, dict[str, Any]]:
+    def i2i(negative: str, **kwargs: Any) -> dict[str, Any]:
+        return {"method": "img2img", "prompt": "a sharp photo", "negative": negative, "inputs": ["image4"],
+                "kwargs": {"strength": 0.5, "steps": 6, "scale": 7.5, "seed": 6, **kwargs}}
+
+    return {"i2i_aesthetic": i2i("", scheduler="ddim", **REFINER_SIZES),
+            "i2i_aesthetic_neg_euler": i2i(NEG, scheduler="euler", aesthetic_score=3.5,
+                                           negative_aesthetic_score=1.0),
+            "i2i_default": i2i("", scheduler="ddim"),
+            "i2i_folder_scheduler": i2i(NEG)}
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    def lat(seed: int, batch: int = 1) -> torch.Tensor:
+        return torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+    def image(seed: int) -> torch.Tensor:
+        return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 8:40] = 1.0
+    return {"lat1": lat(1), "lat2b": lat(2, batch=2), "lat3": lat(3), "lat4": lat(4), "image3": image(3),
+            "image4": image(4), "mask": mask}
+
+
+def _diffusers_case(folder: Path, case: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One case through diffusers' SDXL pipeline of the same folder, scheduler and inputs."""
+    from test_sdxl_pipeline import _diffusers, _scale_value_rows, _with_scheduler
+
+    kw = dict(case["kwargs"])
+    pipe = _diffusers(folder, case["method"])
+    scheduler = kw.pop("scheduler", "euler")  # the tiny folders' scheduler is Euler
+    _with_scheduler(pipe, scheduler)
+    ref: dict[str, Any] = case.get("ref", {})
+    call: dict[str, Any] = dict(num_inference_steps=kw.pop("steps"), guidance_scale=kw.pop("scale"),
+                                output_type="pt")
+    for key, tensor in case.get("tensors", {}).items():
+        call[key] = tensors[tensor].clone()
+    if "seed" in kw:
+        seed = kw.pop("seed")
+        g = torch.Generator().manual_seed(seed)
+        call["generator"] = [g] if scheduler == "euler_a" else g
+    inputs = [tensors[t].clone() for t in case.get("inputs", ())]
+    if inputs:
+        call["image"] = inputs[0]
+    if len(inputs) > 1:
+        call["mask_image"] = inputs[1]
+    if case["method"] == "inpaint":
+        call.update(height=64, width=64)
+    call.update(kw)
+    originals = _scale_value_rows(pipe.unet, 2, ref["emphasis"]) if "emphasis" in ref else {}  # BOS, "a", "red"
+    try:
+        images = pipe(ref.get("prompt", case["prompt"]), negative_prompt=case["negative"] or None, **call).images
+    finally:
+        for lin, f in originals.items():
+            lin.forward = f
+    return images.float().cpu()
+
+
+def _run_fresh(art: Path, cases: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor],
+               tmp_path: Path) -> dict[str, torch.Tensor]:
+    """All cases in ONE fresh process that cannot import sdexport, transformers or diffusers."""
+    torch.save(tensors, tmp_path / "tensors.pt")
+    (tmp_path / "cases.txt").write_text(repr(cases))
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), str(art), str(tmp_path / "cases.txt"),
+                           str(tmp_path / "tensors.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got: dict[str, torch.Tensor] = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert set(got) == set(cases)
+    return got
+
+
+def _against_diffusers(folder: Path, art: Path, cases: dict[str, dict[str, Any]], tmp_path: Path,
+                       differ: list[tuple[str, str]]) -> None:
+    """The fresh process's images against diffusers' (<= TOL); `differ`: pairs that must not be equal (the
+    conditioning or weight under test does something)."""
+    tensors = _tensors()
+    got = _run_fresh(art, cases, tensors, tmp_path)
+    apart = {f"{a} / {b}": (got[a] - got[b]).abs().max().item() for a, b in differ}
+    print("apart:", {k: f"{v:.2e}" for k, v in apart.items()})
+    assert all(v > 10 * TOL for v in apart.values()), f"the same image: {apart}"
+    errors = {}
+    for name, case in cases.items():
+        ref = _diffusers_case(folder, case, tensors)
+        assert got[name].shape == ref.shape, name
+        errors[name] = (got[name] - ref).abs().max().item()
+    print("max abs error vs diffusers:", {k: f"{v:.2e}" for k, v in errors.items()})
+    bad = {k: v for k, v in errors.items() if not v <= TOL}
+    assert not bad, f"fresh-process artifact vs diffusers above {TOL}: {bad}"
 
 
 def test_base_artifact_matches_diffusers_in_fresh_process(base_art: Path, sdxl_folder: Path,
                                                          tmp_path: Path) -> None:
-    jobs = _jobs()
-    ref = _diffusers_reference(sdxl_folder, jobs["lat1"])
-    torch.save(jobs, tmp_path / "jobs.pt")
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(script), str(base_art), str(tmp_path / "out.pt"),
-                           str(tmp_path / "jobs.pt")], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _close(torch.load(tmp_path / "out.pt", weights_only=True), ref, "child vs diffusers")
+    """Every scheduler, empty / non-empty negatives, size conditioning, img2img, inpaint, emphasis."""
+    cases = _base_cases()
+    assert {c["kwargs"].get("scheduler") for c in cases.values()} >= set(SCHEDULER_NAMES)
+    _against_diffusers(sdxl_folder, base_art, cases, tmp_path,
+                       differ=[("emphasis_0", "emphasis_1.5"), ("t2i_sizes_0", "t2i_sizes_1"),
+                               ("i2i_empty", "i2i_neg"), ("inpaint_1", "inpaint_0.7")])
+
+
+@pytest.fixture(scope="module")
+def refiner_art(sdxl_refiner_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The refiner as a pt2 artifact, built by `sdexport build` from its diffusers folder."""
+    out = tmp_path_factory.mktemp("sdxl") / "refiner-pt2"
+    args = ["build", str(sdxl_refiner_folder), "-o", str(out), "--format", "pt2", "--kernels", _kernels(),
+            "--min-size", "64", "--max-size", "64", "--max-batch", "1", "--max-chunks", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_refiner_artifact_matches_diffusers_in_fresh_process(refiner_art: Path, sdxl_refiner_folder: Path,
+                                                            tmp_path: Path) -> None:
+    """img2img with custom and default aesthetic scores, refiner size ids, two schedulers."""
+    m = json.loads((refiner_art / "manifest.json").read_text())
+    assert m["family"] == "sdxl-refiner" and m["format"] == "pt2"
+    _against_diffusers(sdxl_refiner_folder, refiner_art, _refiner_cases(), tmp_path,
+                       differ=[("i2i_aesthetic", "i2i_default")])
 
 
 def _refiner_jobs(pipe: Any) -> dict[str, torch.Tensor]:
