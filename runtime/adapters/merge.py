@@ -25,7 +25,8 @@ def deltas(resolved: Resolved, scale: float = 1.0) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for e, target, shape in resolved.targets:
         s = scale * e.scale
-        out[target] = delta(e, shape) * s
+        d = delta(e, shape)
+        out[target] = d * s if e.kind == "full" else d.mul_(s)  # factor products are fresh tensors
         b = bias_delta(e)
         if b is not None:
             out[target[: -len("weight")] + "bias"] = b * s
@@ -37,7 +38,10 @@ def stacked(loras: Sequence[tuple[Resolved, float]]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for resolved, scale in loras:
         for k, d in deltas(resolved, scale).items():
-            out[k] = out[k] + d if k in out else d
+            if k in out:
+                out[k].add_(d)  # out[k] is a fresh tensor of deltas()
+            else:
+                out[k] = d
     return out
 
 
@@ -49,9 +53,11 @@ def restore(weights: MutableMapping[str, Tensor], originals: Mapping[str, Tensor
 
 
 def apply(weights: MutableMapping[str, Tensor], updates: Mapping[str, Tensor], sign: int = 1,
-          keep_device: torch.device | str | None = None) -> dict[str, Tensor]:
+          keep_device: torch.device | str | None = None,
+          saved: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """W += sign · ΔW in place (each weight keeps its storage, dtype and device); returns copies of the
-    touched originals (on `keep_device`, default the weight's) for `restore`. Everything is checked
+    touched originals (on `keep_device`, default the weight's) for `restore`; `saved` holds copies
+    already made (equal to the weights now), reused rather than copied again. Everything is checked
     before anything changes; a failure half-way restores what was changed."""
     problems = [f"{k} is not a weight of this model" for k in updates if k not in weights]
     problems += [f"{k}: ΔW {tuple(d.shape)} vs weight {tuple(weights[k].shape)}"
@@ -63,8 +69,11 @@ def apply(weights: MutableMapping[str, Tensor], updates: Mapping[str, Tensor], s
         with torch.no_grad():
             for k, d in updates.items():
                 w = weights[k]
-                originals[k] = w.detach().to(keep_device or w.device, copy=True)
-                w.copy_((w.to(torch.float32) + sign * d.to(w.device, torch.float32)).to(w.dtype))
+                originals[k] = saved[k] if saved and k in saved else w.detach().to(keep_device or w.device, copy=True)
+                if w.dtype == torch.float32:  # in place, the same bits as below
+                    w.add_(d.to(w.device, torch.float32), alpha=sign)
+                else:
+                    w.copy_((w.to(torch.float32) + sign * d.to(w.device, torch.float32)).to(w.dtype))
     except BaseException:
         restore(weights, originals)
         raise
@@ -102,9 +111,10 @@ class LoraMerger:
         if key == self._key:
             return False
         updates = stacked(loras)  # computed (and checked) before the weights change
+        saved = self._originals  # still right for the weights they were taken from, after `unload`
         self.unload()
         if updates:
-            self._originals = apply(self.weights, updates, keep_device=self.keep_device)
+            self._originals = apply(self.weights, updates, keep_device=self.keep_device, saved=saved)
             self.merges += 1
         self._key, self._active = key, tuple(loras)
         return True

@@ -129,6 +129,8 @@ class AdapterMixin:
         if emb.token in self._embeddings:
             raise AdapterError(f"an embedding named {emb.token!r} is already loaded")
         self._be().add_embedding(emb)
+        if self._merger is not None:  # an eager token table is a new tensor now
+            self._merger.weights = self._be().adapter_weights()
         self._embeddings[emb.token] = emb
         return emb
 
