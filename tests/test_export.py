@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from blocked import BLOCK_MODEL_CODE
 
 import runtime
 from runtime.manifest import ArtifactError
@@ -25,14 +26,7 @@ TOL = 1e-3
 OPTIONS = dict(max_batch=2, min_size=64, max_size=128, max_chunks=2)
 
 # The child process: block the model-code packages, load the artifact, run the standard jobs.
-CHILD = r"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("sdexport", "transformers", "diffusers"):
-            raise ImportError(f"{name} is blocked in the runtime test")
-        return None
-sys.meta_path.insert(0, Block())
+CHILD = BLOCK_MODEL_CODE + r"""
 import torch, runtime
 art, out = sys.argv[1], sys.argv[2]
 jobs = torch.load(sys.argv[3], weights_only=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from blocked import BLOCK_MODEL_CODE
 
 from runtime.conditioning import encode_text
 from runtime.png import Parameters, format_parameters
@@ -196,14 +197,7 @@ def test_image_matches_reference_loop(sd1_folder: Path, sd1: StableDiffusion, sc
     assert isinstance(static, torch.Tensor) and (static - ours).abs().max().item() > 1e-3
 
 
-CHILD = r"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("sdexport", "transformers", "diffusers"):
-            raise ImportError(f"{name} is blocked in the runtime test")
-        return None
-sys.meta_path.insert(0, Block())
+CHILD = BLOCK_MODEL_CODE + r"""
 import torch, runtime
 pipe = runtime.load(sys.argv[1])
 lat = torch.load(sys.argv[3], weights_only=True)

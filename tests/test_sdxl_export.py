@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import tiny_configs as tc
 import torch
+from blocked import BLOCK_MODEL_CODE
 from click.testing import CliRunner
 
 import runtime
@@ -117,14 +118,8 @@ def test_other_formats_match_eager(fmt: str, base: StableDiffusion, base_eager: 
 # ---- a fresh process against diffusers ------------------------------------------------------------
 # The child process: model-code packages blocked, the artifact loaded by `runtime.load`, every case run;
 # the images come back in a torch.save file. Cases are literals (ast.literal_eval) naming their tensors.
-CHILD = r"""
-import ast, sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("sdexport", "transformers", "diffusers"):
-            raise ImportError(f"{name} is blocked in the runtime test")
-        return None
-sys.meta_path.insert(0, Block())
+CHILD = BLOCK_MODEL_CODE + r"""
+import ast
 import torch, runtime
 art, cases_file, tensors_file, out = sys.argv[1:5]
 tensors = torch.load(tensors_file, weights_only=True)
