@@ -135,7 +135,7 @@ class ArtifactBackend:
                               latent_channels=m.latent_channels, scaling_factor=m.scaling_factor,
                               scheduler_config=m.scheduler_config, name=m.model_name, hash=m.model_hash,
                               time_ids=m.time_ids, force_zeros_for_empty_prompt=m.force_zeros_for_empty_prompt,
-                              force_upcast=m.force_upcast)
+                              force_upcast=m.force_upcast, context_widths=tuple(m.context_widths))
         self.tokenizers = tuple(ClipTokenizer.from_json((root / f).read_text(encoding="utf-8"))
                                 for f in m.tokenizer_files)
         loaded = {name: _load(m.format, root, files, device) for name, files in m.modules.items()}

@@ -31,6 +31,7 @@ class ModelInfo:
     time_ids: int = 0  # SDXL "text_time" conditioning numbers: 0 (SD 1/2), 6 (SDXL base), 5 (refiner)
     force_zeros_for_empty_prompt: bool = False  # an empty negative prompt -> zero context and pooled
     force_upcast: bool = False  # the VAE runs in float32 when the model is float16 (the SDXL VAE overflows)
+    context_widths: tuple[int, ...] = ()  # each text encoder's share of the context (SDXL base: 2); () = one
 
 
 class Backend(Protocol):

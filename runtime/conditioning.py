@@ -157,7 +157,8 @@ def encode_text(backend: Backend, texts: Sequence[str], zero: Sequence[bool], *,
     ctx = ctx.reshape(n, chunks * 77, -1)
     if pooled is not None:
         pooled = pooled.reshape(n, chunks, -1)[:, 0]  # the first chunk's
-    ctx, weights = apply_emphasis(ctx, weights, emphasis)  # before zeroing: A1111's mean of zeros is 0/0
+    # before zeroing: A1111's mean of zeros is 0/0
+    ctx, weights = apply_emphasis(ctx, weights, emphasis, backend.info.context_widths)
     if any(zero):
         keep = torch.tensor([not z for z in zero], device=ctx.device)
         ctx = torch.where(keep[:, None, None], ctx, torch.zeros_like(ctx))

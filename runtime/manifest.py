@@ -87,6 +87,7 @@ class Manifest:
     force_zeros_for_empty_prompt: bool = False
     force_upcast: bool = False  # the VAE programs stay float32 in a half-precision build
     vae_dtype: str = ""  # a key of DTYPES; "" (older artifacts): `dtype`
+    context_widths: list[int] = field(default_factory=list)  # per text encoder when several (SDXL base)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
 

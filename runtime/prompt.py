@@ -185,11 +185,12 @@ def encode_pair(tokenizer: ClipTokenizer, prompt: str, negative: str, *,
 # ============================================================================= emphasis
 
 
-def apply_emphasis(context: torch.Tensor, weights: torch.Tensor,
-                   mode: Emphasis = "attention") -> tuple[torch.Tensor, torch.Tensor]:
+def apply_emphasis(context: torch.Tensor, weights: torch.Tensor, mode: Emphasis = "attention",
+                   widths: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Text-encoder output ``context`` (N, 77k, D) and token ``weights`` (N, 77k) -> (context, weights
     for the cross-attention value rows). All weights 1 returns ``context`` and ``weights`` unchanged; in
-    mode "a1111" so does each row whose weights are all 1."""
+    mode "a1111" so does each row whose weights are all 1. ``widths``: each encoder's share of D when the
+    context concatenates several (SDXL); mode "a1111" restores each encoder's mean on its own, as A1111."""
     if mode not in EMPHASIS_MODES:
         raise ValueError(f"emphasis must be one of {EMPHASIS_MODES}, got {mode!r}")
     if mode == "attention":
@@ -198,10 +199,14 @@ def apply_emphasis(context: torch.Tensor, weights: torch.Tensor,
     if mode == "none" or bool((weights == 1).all()):
         return context, ones
     n, length, dim = context.shape
-    z = context.reshape(n, length // 77, 77, dim)
+    if widths and sum(widths) != dim:
+        raise ValueError(f"emphasis: encoder widths {tuple(widths)} do not add up to the context width {dim}")
     w = weights.to(context.dtype).reshape(n, length // 77, 77, 1)
-    before = z.mean(dim=(2, 3), keepdim=True)
-    z = z * w
-    z = z * (before / z.mean(dim=(2, 3), keepdim=True))
+    parts = []
+    for part in torch.split(context, list(widths) or [dim], dim=-1):
+        z = part.reshape(n, length // 77, 77, part.shape[-1])
+        before = z.mean(dim=(2, 3), keepdim=True)
+        z = z * w
+        parts.append((z * (before / z.mean(dim=(2, 3), keepdim=True))).reshape(n, length, part.shape[-1]))
     plain = (weights == 1).all(dim=1)[:, None, None]  # rows without emphasis stay bit-identical
-    return torch.where(plain, context, z.reshape(n, length, dim)), ones
+    return torch.where(plain, context, torch.cat(parts, dim=-1)), ones

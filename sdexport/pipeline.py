@@ -265,7 +265,8 @@ class StableDiffusion(Pipeline):
                          time_ids=_time_ids(family, unet, text_config_2),
                          force_zeros_for_empty_prompt=zeros if force_zeros_for_empty_prompt is None
                          else force_zeros_for_empty_prompt,
-                         force_upcast=xl and vae.config.force_upcast)
+                         force_upcast=xl and vae.config.force_upcast,
+                         context_widths=tuple(e.config.hidden_size for e in encoders) if len(encoders) > 1 else ())
         for m in (unet, vae, *encoders):
             m.eval().requires_grad_(False)
         configs = SourceConfigs(dict(unet_config), dict(vae_config), dict(text_config) if text_config else None,

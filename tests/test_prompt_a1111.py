@@ -369,3 +369,15 @@ def test_emphasis_modes() -> None:
     assert out is z and torch.equal(att, torch.ones_like(w))
     with pytest.raises(ValueError, match="emphasis"):
         apply_emphasis(z, w, "original")  # type: ignore[arg-type]
+
+
+def test_a1111_emphasis_restores_each_encoders_mean() -> None:
+    """SDXL: the context concatenates two encoders; A1111 restores each one's mean on its own."""
+    torch.manual_seed(0)
+    z, w = torch.randn(2, 154, 12) + 0.5, torch.rand(2, 154) + 0.5
+    out, _ = apply_emphasis(z, w, "a1111", (5, 7))
+    parts = [apply_emphasis(p.contiguous(), w, "a1111")[0] for p in z.split([5, 7], dim=-1)]
+    assert torch.allclose(out, torch.cat(parts, dim=-1), rtol=1e-6, atol=1e-6)  # summation order only
+    assert not torch.allclose(out, apply_emphasis(z, w, "a1111")[0])  # the joint mean differs
+    with pytest.raises(ValueError, match="do not add up"):
+        apply_emphasis(z, w, "a1111", (5, 6))

@@ -414,3 +414,10 @@ def test_cli_generate_with_sdxl_conditioning(base_art: Path, tmp_path: Path) -> 
     assert Image.open(tmp_path / "3.png").size == (64, 64)
     result = CliRunner().invoke(main, ["inspect", str(base_art)])
     assert result.exit_code == 0 and "text_encoder_2" in result.output and "[sdxl," in result.output
+
+
+def test_context_widths_reach_the_artifact(base: StableDiffusion, base_art: Path) -> None:
+    """Each encoder's width (for A1111 emphasis) is in ModelInfo, eager and in the manifest."""
+    widths = tuple(e.config.hidden_size for e in base.text_encoders)
+    assert len(widths) == 2 and base.info.context_widths == widths
+    assert runtime.load(base_art).backend.info.context_widths == widths

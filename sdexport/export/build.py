@@ -305,7 +305,7 @@ def model_fields(sd: Exportable) -> dict[str, Any]:
                 scheduler_config=dict(info.scheduler_config), model_name=info.name, model_hash=info.hash,
                 time_ids=info.time_ids, pooled_dim=0 if xl is None else xl.pooled_dim,
                 force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
-                force_upcast=info.force_upcast)
+                force_upcast=info.force_upcast, context_widths=list(info.context_widths))
 
 
 def _manifest(sd: Exportable, opts: BuildOptions, spec: ShapeSpec, entries: dict[str, dict[str, str]],
