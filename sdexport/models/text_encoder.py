@@ -21,6 +21,13 @@ from .config import TextEncoderConfig
 __all__ = ["TextEncoder", "TextEncoderWithProjection"]
 
 
+def _config_of(clip_model: nn.Module, clip_skip: int, final_norm: bool) -> TextEncoderConfig:
+    """Our config from a transformers CLIP text model's own."""
+    cfg: Any = clip_model.config
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return TextEncoderConfig.from_transformers(d, clip_skip, final_norm)
+
+
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
@@ -46,9 +53,7 @@ class TextEncoder(nn.Module):
     @classmethod
     def wrap(cls, clip_model: nn.Module, clip_skip: int = 1, final_norm: bool = True) -> TextEncoder:
         """Wrap an existing (e.g. ``from_pretrained``) ``CLIPTextModel``, sharing its parameters."""
-        cfg: Any = clip_model.config
-        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        return cls(TextEncoderConfig.from_transformers(d, clip_skip, final_norm), clip_model)
+        return cls(_config_of(clip_model, clip_skip, final_norm), clip_model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -130,9 +135,7 @@ class TextEncoderWithProjection(nn.Module):
     @classmethod
     def wrap(cls, clip_model: nn.Module, clip_skip: int = 1, final_norm: bool = True) -> TextEncoderWithProjection:
         """Wrap an existing ``CLIPTextModelWithProjection``, sharing its parameters."""
-        cfg: Any = clip_model.config
-        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        return cls(TextEncoderConfig.from_transformers(d, clip_skip, final_norm), clip_model)
+        return cls(_config_of(clip_model, clip_skip, final_norm), clip_model)
 
     @property
     def dtype(self) -> torch.dtype:
