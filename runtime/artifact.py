@@ -18,6 +18,7 @@ from runtime.backend import ModelInfo
 from runtime.cudagraph import GraphedCall
 from runtime.manifest import DTYPES, TEXT_ENCODERS, ArtifactError, Manifest, read_manifest
 from runtime.pipeline import Pipeline
+from runtime.token_tables import TokenTables
 from runtime.tokenizer import ClipTokenizer
 
 Output = Tensor | tuple[Tensor, ...]  # text_encoder_2 returns (context, pooled)
@@ -143,6 +144,10 @@ class ArtifactBackend:
         self._programs = calls
         self._weights = {name: w for name, (_, w) in loaded.items() if name in ADAPTER_COMPONENTS}
         self._encoders = [(name, calls[name]) for name in TEXT_ENCODERS[m.family]]
+        names = TEXT_ENCODERS[m.family]
+        widths = dict(zip(names, m.context_widths or [m.context_dim], strict=True)) if m.token_tables else {}
+        self._tokens = TokenTables(root, m.token_tables, dict(zip(names, self.tokenizers, strict=True)), widths,
+                                   device)  # empty for artifacts whose encoders take ids (format 1)
         self._decode: Call = calls["vae_decoder"]
         self._encode: Call = calls["vae_encoder"]
         unet: Call = calls["unet"]
@@ -169,7 +174,13 @@ class ArtifactBackend:
             if chunk_ids.shape[0] > rows:
                 raise ValueError(f"prompt too long for this artifact: {chunk_ids.shape[0]} 77-token chunks in the "
                                  f"batch, at most {rows} (max_chunks={shapes.max_chunks})")
-            out = call(chunk_ids.to(self.device, torch.long).contiguous())
+            chunk_ids = chunk_ids.to(self.device, torch.long).contiguous()
+            if not self._tokens:
+                out = call(chunk_ids)
+            elif name == "text_encoder_2":  # the ids locate the pooled EOS token
+                out = call(self._tokens.lookup(name, chunk_ids), chunk_ids)
+            else:
+                out = call(self._tokens.lookup(name, chunk_ids))
             if name == "text_encoder_2":
                 context, pooled = out
             else:
@@ -227,8 +238,11 @@ class ArtifactBackend:
                     self._unet.graphs.clear()  # captured against the old constant buffers: capture again
 
     def add_embedding(self, emb: Embedding) -> None:
-        """Only embeddings built into the artifact (`sdexport build --embedding`): its text encoders take
-        token ids over a fixed token table."""
+        """New rows in the token tables (runtime/token_tables.py), any format. Artifacts built before
+        token tables (format 1) take only the embeddings built in (`sdexport build --embedding`)."""
+        if self._tokens:
+            self._tokens.add(emb)
+            return
         if all(tok.added.get(emb.token) is not None and len(tok.added[emb.token]) == emb.num_vectors
                for tok in self.tokenizers):
             return

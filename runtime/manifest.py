@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+# 2: text encoders fed token vectors, token tables beside them (modules[name]["tokens"]); 1 still loads.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+TOKEN_TABLE_KEY = "weight"  # the one tensor of a token-table file: (tokens, width)
 MANIFEST = "manifest.json"
 FORMATS = ("aoti", "pt2", "torchscript", "onnx")
 # The text encoder programs of each family, in the order of the backend's tokenizers and ids.
@@ -78,7 +81,7 @@ class Manifest:
     model_name: str
     model_hash: str
     build_options: dict[str, Any]
-    modules: dict[str, dict[str, str]]  # module -> {"program": file, "weights": file or ""}
+    modules: dict[str, dict[str, str]]  # module -> {"program": file, "weights": file or ""[, "tokens": file]}
     tokenizer: str = "tokenizer.json"  # text_encoder's tokenizer ("" for the SDXL refiner, which has none)
     tokenizer_2: str = ""  # text_encoder_2's (SDXL base and refiner)
     # SDXL fields; the defaults are SD 1.x/2.x's, so manifests written before SDXL read unchanged.
@@ -101,6 +104,12 @@ class Manifest:
         by_encoder = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}
         return tuple(by_encoder[name] for name in TEXT_ENCODERS[self.family])
 
+    @property
+    def token_tables(self) -> dict[str, str]:
+        """Text encoder -> its token-table file; {} for artifacts whose encoders take ids (built before)."""
+        return {name: self.modules[name]["tokens"] for name in TEXT_ENCODERS[self.family]
+                if self.modules[name].get("tokens")}
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
@@ -113,9 +122,10 @@ class Manifest:
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: manifest.json must hold a JSON object")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise ArtifactError(f"{where}: artifact format version {version!r} is not supported by this "
-                                f"runtime (expects {FORMAT_VERSION}); rebuild it with `sdexport build`")
+                                f"runtime (reads {', '.join(map(str, READ_VERSIONS))}); rebuild it with "
+                                "`sdexport build` or upgrade the runtime")
         try:
             d["shapes"] = ShapeRange(**d["shapes"])
             m = cls(**d)
@@ -135,6 +145,11 @@ class Manifest:
                 raise ArtifactError(f"{where}: unknown dtype {name!r} in manifest.json")
         if not all(m.tokenizer_files):
             raise ArtifactError(f"{where}: manifest names no tokenizer for one of {TEXT_ENCODERS[m.family]}")
+        tables = m.token_tables
+        want = list(TEXT_ENCODERS[m.family]) if m.format_version >= 2 else []
+        if sorted(tables) != sorted(want):
+            raise ArtifactError(f"{where}: format version {m.format_version} with token tables for "
+                                f"{sorted(tables)}; expected them for {want}")
         return m
 
 

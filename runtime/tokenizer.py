@@ -263,7 +263,7 @@ class ClipTokenizer:
         """Add `name` (and `name_1` .. `name_{count-1}`, as diffusers names multi-vector embeddings) as
         tokens with new ids after the vocabulary; `name` in a text then stands for all `count` ids."""
         names = [name] + [f"{name}_{i}" for i in range(1, count)]
-        taken = [n for n in names if self._tok.token_to_id(n) is not None]
+        taken = self.taken(name, count)
         if taken:
             raise ValueError(f"token {taken[0]!r} is already in the tokenizer")
         self._tok.add_tokens([AddedToken(n, single_word=False, lstrip=False, rstrip=False, normalized=True)
@@ -271,6 +271,11 @@ class ClipTokenizer:
         ids = [int(self._tok.token_to_id(n) or 0) for n in names]
         self.added[name] = ids
         return ids
+
+    def taken(self, name: str, count: int = 1) -> list[str]:
+        """The names `add_tokens(name, count)` would add that are tokens already."""
+        names = [name] + [f"{name}_{i}" for i in range(1, count)]
+        return [n for n in names if self._tok.token_to_id(n) is not None]
 
     # ----------------------------------------------------------------------------- construction
     @classmethod

@@ -117,6 +117,9 @@ class EagerBackend:
                                    f"{table.num_embeddings} rows; cannot add {emb.token!r}")
             if emb.token in tok.added:
                 raise AdapterError(f"{emb.token!r} is already a token of this model")
+            if tok.taken(emb.token, emb.num_vectors):
+                raise AdapterError(f"{emb.source}: {emb.token!r} is a word of the tokenizer already; load the "
+                                   "embedding under another token (token=...)")
         for c, table, tok in comps:
             ids = tok.add_tokens(emb.token, emb.num_vectors)
             w = table.weight
@@ -126,9 +129,7 @@ class EagerBackend:
 
 
 def _token_table(encoder: TextModule) -> torch.nn.Embedding:
-    inner = encoder.text_model if isinstance(encoder, TextEncoderWithProjection) else encoder
-    table: torch.nn.Embedding = inner.embeddings.token_embedding  # type: ignore[assignment]
-    return table
+    return encoder.token_embedding
 
 
 def _text_encoders(family: str, text_config: Mapping[str, Any] | None, text_config_2: Mapping[str, Any] | None,

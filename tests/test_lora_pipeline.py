@@ -331,9 +331,8 @@ def test_embedding_eager_build_and_dir_match_diffusers(sd1_folder: Path, tmp_pat
     assert _err(_image(pipe, prompt), ref) <= TOL
     img = pipe.text2img(prompt, steps=1, height=H, width=W, seed=1)
     assert isinstance(img, list) and 'TI hashes: "mystyle: ' in img[0].info["parameters"]
-    with pytest.raises(AdapterError, match="rebuild"):
-        runtime.load(art).load_embedding(lw.a1111_embedding(torch.randn(1, 32), tmp_path / "other.pt"))
     lazy = StableDiffusion.from_pretrained(sd1_folder, embeddings_dir=tmp_path)
     assert _err(_image(lazy, prompt), ref) <= TOL and list(lazy.embeddings) == ["mystyle"]
-    with pytest.raises(ValueError, match="rebuild with `sdexport build --embedding`"):
-        refit(art, StableDiffusion.from_pretrained(sd1_folder), tmp_path / "r")
+    # without a rebuild (tests/test_embedding_artifact.py): a refit to the plain model drops the token
+    refit(art, StableDiffusion.from_pretrained(sd1_folder), tmp_path / "r")
+    assert _err(_image(runtime.load(tmp_path / "r"), prompt), plain) <= TOL

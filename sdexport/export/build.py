@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from runtime.backend import ModelInfo
-from runtime.manifest import DTYPES, FORMATS, MANIFEST, TEXT_ENCODERS, Manifest, ShapeRange, hash_tree
+from runtime.manifest import DTYPES, FORMAT_VERSION, FORMATS, MANIFEST, TEXT_ENCODERS, Manifest, ShapeRange, hash_tree
 from runtime.tokenizer import ClipTokenizer
 from sdexport.export import formats
 from sdexport.export.modules import (
@@ -26,6 +26,8 @@ from sdexport.export.modules import (
     ShapeSpec,
     TextEncode,
     TextEncodePooled,
+    TextTokens,
+    TextTokensPooled,
     UNetStep,
     UNetStepXL,
     VAEDecode,
@@ -33,6 +35,7 @@ from sdexport.export.modules import (
     XLInputs,
     artifact_multiple,
 )
+from sdexport.export.tokens import write_token_tables
 from sdexport.models.layers import Kernels, set_backend
 from sdexport.models.text_encoder import TextEncoder, TextEncoderWithProjection
 from sdexport.models.unet import UNet
@@ -45,6 +48,9 @@ M = TypeVar("M", bound=nn.Module)
 # Default pixel range of an artifact, by family (`--min-size` / `--max-size` override it).
 DEFAULT_SIZES = {"sd1": (256, 1024), "sd2": (256, 1024), "sdxl": (512, 1536), "sdxl-refiner": (512, 1536)}
 TOKENIZER_FILES = {"text_encoder": "tokenizer.json", "text_encoder_2": "tokenizer_2.json"}
+# Text encoders fed token vectors, their token tables beside them (sdexport/export/tokens.py). False
+# builds the ids-fed form of artifacts built before (tests check those still load).
+TOKEN_TABLES = True
 
 
 class Exportable(Protocol):
@@ -190,9 +196,10 @@ def xl_inputs(sd: Exportable) -> XLInputs | None:
     return xl
 
 
-def export_modules(sd: Exportable) -> dict[str, nn.Module]:
+def export_modules(sd: Exportable, tokens: bool = True) -> dict[str, nn.Module]:
     """The exported functions of an artifact (`runtime.manifest.modules_for` the family), sharing `sd`'s
-    parameters; their state-dict names are the names of the artifact's weights."""
+    parameters; their state-dict names are the names of the artifact's weights. `tokens`: text encoders
+    fed token vectors (sdexport/export/tokens.py); False: fed ids, as artifacts built before."""
     family = sd.info.family
     if family not in TEXT_ENCODERS:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(TEXT_ENCODERS)}")
@@ -201,11 +208,11 @@ def export_modules(sd: Exportable) -> dict[str, nn.Module]:
         if name == "text_encoder":
             if sd.text_encoder is None:
                 raise ValueError(f"a {family} model needs a text_encoder")
-            modules[name] = TextEncode(sd.text_encoder)
+            modules[name] = TextTokens(sd.text_encoder) if tokens else TextEncode(sd.text_encoder)
         else:
             if sd.text_encoder_2 is None:
                 raise ValueError(f"a {family} model needs a text_encoder_2")
-            modules[name] = TextEncodePooled(sd.text_encoder_2)
+            modules[name] = TextTokensPooled(sd.text_encoder_2) if tokens else TextEncodePooled(sd.text_encoder_2)
     if len(sd.tokenizers) != len(TEXT_ENCODERS[family]):
         raise ValueError(f"a {family} model has {len(TEXT_ENCODERS[family])} text encoders, "
                          f"but {len(sd.tokenizers)} tokenizers were given")
@@ -224,14 +231,17 @@ def _modules(sd: Exportable, spec: ShapeSpec, dtype: torch.dtype,
              device: torch.device) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], Any]]:
     unet_cfg = sd.unet.config
     vae_dt = vae_dtype(sd.info, dtype)
+    def widths(te: TextEncoder | TextEncoderWithProjection | None) -> int:
+        return 0 if te is None or not TOKEN_TABLES else te.config.hidden_size
+
     examples = {
-        "text_encoder": spec.text_encoder(device),
-        "text_encoder_2": spec.text_encoder(device),
+        "text_encoder": spec.text_encoder(device, widths(sd.text_encoder), dtype),
+        "text_encoder_2": spec.text_encoder(device, widths(sd.text_encoder_2), dtype, pooled=True),
         "unet": spec.unet(unet_cfg.in_channels, unet_cfg.cross_attention_dim, dtype, device, xl_inputs(sd)),
         "vae_decoder": spec.vae_decoder(sd.vae.config.latent_channels, vae_dt, device),
         "vae_encoder": spec.vae_encoder(vae_dt, device),
     }
-    return {name: (module, *examples[name]) for name, module in export_modules(sd).items()}
+    return {name: (module, *examples[name]) for name, module in export_modules(sd, TOKEN_TABLES).items()}
 
 
 def _copy(sd: Exportable, device: torch.device, dtype: torch.dtype, kernels: Kernels) -> _Copy:
@@ -290,6 +300,9 @@ def build(sd: Exportable, out: str | Path, options: BuildOptions | None = None, 
                 t0 = time.perf_counter()
                 entries[name] = formats.write(opts.format, name, module.eval(), args, dyn, tmp)
                 report.seconds[name] = time.perf_counter() - t0
+        if TOKEN_TABLES:
+            for name, file in write_token_tables(tmp, sd, sd.info.family, dtype).items():
+                entries[name]["tokens"] = file
         tokenizers = write_tokenizers(tmp, sd)
         manifest = _manifest(sd, opts, spec, entries, tokenizers)
         write_manifest(tmp, manifest)
@@ -320,4 +333,5 @@ def _manifest(sd: Exportable, opts: BuildOptions, spec: ShapeSpec, entries: dict
                           multiple=spec.multiple, max_chunks=spec.max_chunks),
         dtype=opts.dtype_name, device=opts.device, torch_version=torch.__version__,
         op_library_version=ops.VERSION if opts.kernels == "fused" else "",
-        kernels=opts.kernels, build_options=asdict(opts), modules=entries)
+        kernels=opts.kernels, build_options=asdict(opts), modules=entries,
+        format_version=FORMAT_VERSION if TOKEN_TABLES else 1)

@@ -2,8 +2,11 @@
 
 Signatures (what `runtime.artifact.ArtifactBackend` calls; `runtime.manifest.modules_for` lists each
 family's):
-    text_encoder(ids (N, 77) int64) -> (N, 77, D1)              # SD 1.x/2.x, SDXL base encoder 1
-    text_encoder_2(ids (N, 77) int64) -> ((N, 77, D2), (N, P))  # SDXL encoder 2: context, pooled
+    text_encoder(tokens (N, 77, D1)) -> (N, 77, D1)             # SD 1.x/2.x, SDXL base encoder 1
+    text_encoder_2(tokens (N, 77, D2), ids (N, 77) int64) -> ((N, 77, D2), (N, P))  # SDXL: context, pooled
+      tokens = token_embedding(ids), looked up by the runtime in the table stored beside the program
+      (`<name>.tokens.safetensors`), so it can add textual-inversion rows; ids locate the pooled EOS.
+      Artifacts built before (no table in the manifest) take `ids (N, 77) int64` alone.
     unet(x (B, Cin, h, w), t (B,) float32, context (B, 77k, D), weights (B, 77k)) -> (B, 4, h, w)
     unet(..., text_embeds (B, P), time_ids (B, n) float32)     # SDXL: the added conditioning
     vae_decoder(z (B, 4, h, w)) -> (B, 3, 8h, 8w)
@@ -28,6 +31,8 @@ __all__ = [
     "ShapeSpec",
     "TextEncode",
     "TextEncodePooled",
+    "TextTokens",
+    "TextTokensPooled",
     "UNetStep",
     "UNetStepXL",
     "VAEDecode",
@@ -97,6 +102,29 @@ class TextEncode(nn.Module):
         return out
 
 
+class TextTokens(nn.Module):
+    """`text_encoder` fed token vectors; the token table is not part of the program."""
+
+    def __init__(self, text_encoder: TextEncoder) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder.token_free()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.text_encoder.from_tokens(tokens)
+
+
+class TextTokensPooled(nn.Module):
+    """`text_encoder_2` fed token vectors (and the ids, which locate the pooled EOS token)."""
+
+    def __init__(self, text_encoder: TextEncoderWithProjection) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder.token_free()
+
+    def forward(self, tokens: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        context, pooled = self.text_encoder(ids, tokens)
+        return context, pooled
+
+
 def _dim(name: str, lo: int, hi: int) -> Any:
     """A dynamic dimension, or a static one when the range holds one value."""
     return Dim.STATIC if lo == hi else Dim(name, min=lo, max=hi)
@@ -138,10 +166,18 @@ class ShapeSpec:
         lo, hi = self.min_size // self.multiple, self.max_size // self.multiple
         return _times(_dim("h", lo, hi), unit), _times(_dim("w", lo, hi), unit)
 
-    def text_encoder(self, device: torch.device) -> tuple[tuple[Tensor, ...], Any]:
+    def text_encoder(self, device: torch.device, width: int = 0, dtype: torch.dtype = torch.float32,
+                     pooled: bool = False) -> tuple[tuple[Tensor, ...], Any]:
+        """`TextTokens(Pooled)`'s inputs when `width` (the token vectors' width), else ids alone."""
         rows, dim = self._batch(2 * self.max_batch * self.max_chunks)
         ids = torch.zeros(rows, 77, dtype=torch.long, device=device)
-        return (ids,), {"ids": {0: dim}}
+        if not width:
+            return (ids,), {"ids": {0: dim}}
+        tokens = torch.randn(rows, 77, width, dtype=dtype, device=device)
+        if not pooled:
+            return (tokens,), {"tokens": {0: dim}}
+        ids[:, 5] = 7  # an EOS-like highest id (argmax), not at position 0
+        return (tokens, ids), {"tokens": {0: dim}, "ids": {0: dim}}
 
     def unet(self, in_channels: int, context_dim: int, dtype: torch.dtype, device: torch.device,
              xl: XLInputs | None = None) -> tuple[tuple[Tensor, ...], Any]:

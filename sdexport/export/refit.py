@@ -1,7 +1,8 @@
 """`sdexport refit`: another model's weights (a fine-tune, a merged LoRA) in an existing artifact, with no
 recompile. `aoti` and `pt2` artifacts keep their weights in `.safetensors` beside the program (AOTInductor
-folds constants at load time), so a refit copies the programs and writes new weight files; `torchscript`
-and `onnx` freeze weights into the program and need `sdexport build`."""
+folds constants at load time), so a refit copies the programs and writes new weight files (and token
+tables: the model's textual-inversion tokens need not be the artifact's); `torchscript` and `onnx` freeze
+weights into the program and need `sdexport build`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from runtime.manifest import DTYPES, Manifest, modules_for, read_manifest
+from runtime.manifest import DTYPES, TOKEN_TABLE_KEY, Manifest, modules_for, read_manifest
 from runtime.tokenizer import ClipTokenizer
 from sdexport.export.build import (
     Exportable,
@@ -27,6 +28,7 @@ from sdexport.export.build import (
     write_manifest,
     write_tokenizers,
 )
+from sdexport.export.tokens import token_tables, write_token_tables
 
 REFITTABLE = ("aoti", "pt2")
 # Fields the compiled programs depend on: the new model must agree with the artifact on them.
@@ -57,8 +59,16 @@ def _check(name: str, stored: dict[str, tuple[int, ...]], tensors: dict[str, tor
 
 
 def _check_tokens(src: Path, manifest: Manifest, sd: Exportable) -> None:
-    """Textual-inversion tokens grow the token table the programs were compiled for: the model must have
-    exactly the artifact's (`sdexport build --embedding` adds new ones)."""
+    """Artifacts whose encoders take ids (format 1): textual-inversion tokens grow the token table the
+    programs were compiled for, so the model must have exactly the artifact's. Newer artifacts keep the
+    tables beside the programs: any tokens, the same width."""
+    if manifest.token_tables:
+        for name, table in token_tables(sd, manifest.family).items():
+            width = _stored(src / manifest.token_tables[name])[TOKEN_TABLE_KEY][1]
+            if table.shape[1] != width:
+                raise ValueError(f"the new model's {name} token vectors are {table.shape[1]} wide, the "
+                                 f"artifact's {width}")
+        return
     built = [ClipTokenizer.from_json((src / f).read_text(encoding="utf-8")).added for f in manifest.tokenizer_files]
     have = [t.added for t in sd.tokenizers]
     if built != have:
@@ -96,7 +106,7 @@ def refit(artifact: str | Path, sd: Exportable, out: str | Path, *, overwrite: b
                              f"{getattr(manifest, key)!r}")
     _check_tokens(src, manifest, sd)
     names = modules_for(manifest.family)
-    modules = export_modules(sd)
+    modules = export_modules(sd, tokens=bool(manifest.token_tables))
     stored = {name: _stored(src / manifest.modules[name]["weights"]) for name in names}
     for name in names:  # everything is checked before anything is written
         _check(name, stored[name], _tensors(modules[name]))
@@ -115,6 +125,9 @@ def refit(artifact: str | Path, sd: Exportable, out: str | Path, *, overwrite: b
             dt = vae_dt if name.startswith("vae_") else dtype
             weights = {k: _cast(tensors[k], dt) for k in stored[name]}
             save_file(weights, str(tmp / entry["weights"]))
+        if manifest.token_tables:
+            files = write_token_tables(tmp, sd, manifest.family, dtype)
+            assert files == manifest.token_tables, (files, manifest.token_tables)
         tokenizers = write_tokenizers(tmp, sd)
         new = replace(manifest, tokenizer=tokenizers["tokenizer"], tokenizer_2=tokenizers["tokenizer_2"], **fields)
         return write_manifest(tmp, new)

@@ -10,6 +10,7 @@ strictly. The forward pass is written out explicitly (causal SDPA, no masks, no 
 
 from __future__ import annotations
 
+import copy
 from typing import Any, cast
 
 import torch
@@ -78,29 +79,49 @@ class TextEncoder(nn.Module):
         out: torch.Tensor = h + mlp.fc2(x)
         return out
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token table (vocab, hidden_size); textual inversion appends rows."""
+        table: nn.Embedding = self.embeddings.token_embedding  # type: ignore[assignment]
+        return table
+
+    def token_free(self) -> TextEncoder:
+        """A view of this encoder without its token table (same parameters and names otherwise), for
+        exports that take token vectors: the runtime then owns the table and can add rows to it."""
+        view = copy.copy(self)
+        view._modules = dict(self._modules)
+        view.embeddings = _Positions(cast(nn.Embedding, self.embeddings.position_embedding))
+        return view
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, hidden_size) token vectors plus the position embedding."""
         emb: Any = self.embeddings
-        return emb.token_embedding(ids) + emb.position_embedding.weight[: ids.shape[1]][None]  # type: ignore[no-any-return]
+        return tokens + emb.position_embedding.weight[: tokens.shape[1]][None]  # type: ignore[no-any-return]
 
     def _context(self, h: torch.Tensor) -> torch.Tensor:
         return self.final_layer_norm(h) if self.config.final_norm else h
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self._embed(ids)
+        return self.from_tokens(self.token_embedding(ids))
+
+    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` on the token vectors ``token_embedding(ids)`` (B, L, hidden_size)."""
+        h = self._embed(tokens)
         layers: Any = self.encoder.layers
         for layer in layers[: self.num_layers_used]:
             h = self._layer(layer, h)
         return self._context(h)
 
-    def encode_pooled(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_pooled(self, ids: torch.Tensor, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(context (B, L, hidden_size), pooled (B, hidden_size))``: the context as :meth:`forward`
         and CLIP's ``pooler_output``, the final-normed last hidden state at each sequence's EOS token.
 
         The EOS position follows transformers 5's ``CLIPTextTransformer``: ``eos_token_id == 2`` (configs
         written before transformers PR 24773, e.g. SDXL's) takes the highest id (``argmax(ids)``, the
-        EOS in CLIP's vocabulary); any other id takes its first occurrence.
+        EOS in CLIP's vocabulary); any other id takes its first occurrence. ``tokens``: the token vectors
+        of ``ids`` when the caller looked them up (:meth:`token_free` views have no table).
         """
-        h = self._embed(ids)
+        h = self._embed(self.token_embedding(ids) if tokens is None else tokens)
         context = h
         layers: Any = self.encoder.layers
         for i, layer in enumerate(layers):
@@ -145,6 +166,26 @@ class TextEncoderWithProjection(nn.Module):
     def device(self) -> torch.device:
         return self.text_projection.weight.device
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        context, pooled = self.text_model.encode_pooled(ids)
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.text_model.token_embedding
+
+    def token_free(self) -> TextEncoderWithProjection:
+        """As :meth:`TextEncoder.token_free`."""
+        view = copy.copy(self)
+        view._modules = dict(self._modules)
+        view.text_model = self.text_model.token_free()
+        return view
+
+    def forward(self, ids: torch.Tensor, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens``: as :meth:`TextEncoder.encode_pooled`'s."""
+        context, pooled = self.text_model.encode_pooled(ids, tokens)
         return context, self.text_projection(pooled)
+
+
+class _Positions(nn.Module):
+    """CLIP's embeddings without the token table (``TextEncoder.token_free``)."""
+
+    def __init__(self, position_embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.position_embedding = position_embedding
