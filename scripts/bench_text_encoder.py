@@ -26,6 +26,14 @@ from sdexport.models.config import TextEncoderConfig
 from sdexport.models.text_encoder import TextEncoder
 
 
+def _call(program: Callable[..., torch.Tensor], form: str, ids: torch.Tensor,
+          table: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One text-encoder call as the runtime makes it for each form."""
+    if form == "ids":
+        return lambda: program(ids)
+    return lambda: program(F.embedding(ids, table))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="pt2")
@@ -52,10 +60,7 @@ def main() -> None:
                 files = formats.write(fmt, f"{form}", module.eval(), ex, dyn, Path(tmp))
                 program, _ = _load(fmt, Path(tmp), files, torch.device("cpu"))
                 print(f"{fmt} {form}: built in {time.perf_counter() - t0:.1f} s")
-                if form == "ids":
-                    calls[form] = lambda p=program: p(ids)
-                else:
-                    calls[form] = lambda p=program: p(F.embedding(ids, table))
+                calls[form] = _call(program, form, ids, table)
                 outs[form] = calls[form]()
             diff = float((outs["ids"] - outs["tokens"]).abs().max())
             times: dict[str, list[float]] = {k: [] for k in calls}
