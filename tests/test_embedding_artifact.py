@@ -132,6 +132,12 @@ def test_refit_with_new_embedding_and_cli(sd1_folder: Path, art: Path, ref: tupl
     assert _err(_image(pipe, PROMPT), want) <= TOL
     pipe.load_embedding(path)  # built in now: the same vectors again, no error
     assert _err(_image(pipe, PROMPT), want) <= TOL
+    r = CliRunner().invoke(main, ["generate", str(art), "-p", PROMPT, "--steps", "1", "-W", "64", "-H", "64",
+                                  "-s", "1", "--embedding", str(path), "-o", str(tmp_path / "png")])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert 'TI hashes: "mystyle: ' in Image.open(tmp_path / "png" / "1.png").info["parameters"]
 
 
 def test_artifact_built_before_token_tables_still_loads(sd1_folder: Path, art: Path, ref: tuple[Path, torch.Tensor],

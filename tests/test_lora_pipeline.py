@@ -154,6 +154,11 @@ def test_aoti_hot_swap_and_exact_unload(sd1_folder: Path, loras: dict[str, Path]
         pipe.load_lora(loras["peft"], -0.5)  # swap on top, then back
         pipe.unload_loras()
         assert torch.equal(_image(pipe), base)
+        emb = lw.a1111_embedding(torch.randn(2, 32, generator=torch.Generator().manual_seed(3)),
+                                 tmp_path / "mystyle.pt", name="mystyle")
+        pipe.load_embedding(emb)  # textual inversion with no rebuild: rows in the runtime's token table
+        prompt = "a fox in mystyle, snow"
+        assert _err(_image(pipe, prompt), _reference(sd1_folder, emb=emb, prompt=prompt)) <= TOL
 
 
 @pytest.mark.parametrize(("layout", "scale"), [("kohya", 0.6), ("peft", -0.5), ("kohya", 1.0)])
@@ -205,7 +210,7 @@ def test_tag_and_option_parsing_and_png_fields() -> None:
     from runtime.png import Parameters, format_parameters
     from sdexport.cli import _lora_spec
 
-    assert parse_tags("a <lora:x:0.5> b<lora:y>") == ("a  b", [("x", 0.5), ("y", 1.0)])
+    assert parse_tags("a <lora:x:0.5> b<lora:y>") == ("a  b", [("x", 0.5, 0.5), ("y", 1.0, 1.0)])
     assert _lora_spec("C:/l/x.safetensors:0.7") == (Path("C:/l/x.safetensors"), 0.7)
     assert _lora_spec("C:/l/x.safetensors") == (Path("C:/l/x.safetensors"), 1.0)
     text = format_parameters(Parameters("p", "", 20, "euler", 7.0, 1, 512, 512, lora_hashes="a: 0123, b: 4567",

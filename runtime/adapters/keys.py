@@ -16,7 +16,7 @@ lacks) or with the wrong shape makes `resolve` raise, listing the first such key
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from runtime.adapters.delta import fits, natural_shape
@@ -36,6 +36,10 @@ class Resolved:
 
     lora: Lora
     targets: tuple[tuple[LoraEntry, str, tuple[int, ...]], ...]
+
+    def only(self, components: Collection[str]) -> Resolved:
+        """The entries of these components alone (A1111's separate text-encoder / UNet multipliers)."""
+        return Resolved(self.lora, tuple(t for t in self.targets if t[0].component in components))
 
     def report(self) -> dict[str, int]:
         """How many adapted weights per component."""

@@ -81,8 +81,10 @@ def apply(weights: MutableMapping[str, Tensor], updates: Mapping[str, Tensor], s
 
 
 def _identity(resolved: Resolved) -> str:
+    """The file (sha256) and the components it adapts (`Resolved.only` parts differ from the whole)."""
     info = resolved.lora.info
-    return info.sha256 if info is not None else f"id:{id(resolved.lora)}"
+    what = info.sha256 if info is not None else f"id:{id(resolved.lora)}"
+    return f"{what}:{','.join(sorted(resolved.report()))}"
 
 
 class LoraMerger:

@@ -9,9 +9,11 @@ that talks to `Backend.adapter_weights()` (the live weight tensors, `unet.<name>
 
 Prompt tags `<lora:NAME>` / `<lora:NAME:SCALE>` name a file stem in `lora_dir`; they are removed from
 the prompts before encoding and their set is merged for the call (the same set as the previous call:
-no work). As in A1111, negative prompts are left as written (tags there are neither applied nor
-removed). Every prompt of a batch must carry the same set of tags (or none): different sets in one
-batch are refused. Weights change in place (`copy_` into each tensor's own storage): no recompile.
+no work). As A1111, `<lora:NAME:TE:UNET>` (or named `te=` / `unet=`) scales the text encoders and the UNet
+separately (UNET defaults to TE); DyLoRA's `dyn=` is refused. As in A1111, negative prompts are left
+as written (tags there are neither applied nor removed). Every prompt of a batch must carry the same set
+of tags (or none): different sets in one batch are refused. Weights change in place (`copy_` into each
+tensor's own storage): no recompile.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from runtime.backend import AdapterBackend, Backend
 __all__ = ["PREFIXES", "AdapterMixin", "LoadedLora", "parse_tags"]
 
 PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
-_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
+_TAG = re.compile(r"<lora:([^>]*)>")
+Tag = tuple[str, float, float]  # (file stem, text-encoder scale, UNet scale)
 _SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
 Active = tuple[tuple[Resolved, float], ...]
 
@@ -49,22 +52,46 @@ class LoadedLora:
     tag: bool = False  # from a prompt tag (this call) rather than load_lora
 
 
-def parse_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """A prompt without its `<lora:NAME[:SCALE]>` tags, and the tags (scale 1 when not given)."""
-    tags: list[tuple[str, float]] = []
+def _tag(text: str) -> Tag:
+    """A1111's reading of `NAME[:TE[:UNET]]` with `te=` / `unet=` overriding (extra_networks_lora.py)."""
+    items = [x.strip() for x in text.split(":")]
+    named = dict(x.split("=", 1) for x in items if "=" in x)
+    positional = [x for x in items if "=" not in x]
+    name = positional[0] if positional else ""
+    if not name or any(c in name for c in "/\\") or ".." in name:
+        raise AdapterError(f"<lora:{text}>: a LoRA tag names a file stem in lora_dir (no paths)")
+    if "dyn" in named or len(positional) > 3:
+        raise AdapterError(f"<lora:{text}>: DyLoRA's dyn (a 4th value) is not supported")
+    unknown = sorted(set(named) - {"te", "unet"})
+    if unknown:
+        raise AdapterError(f"<lora:{text}>: unknown argument {unknown[0]!r} (te=, unet=)")
+    try:
+        te = float(named.get("te", positional[1] if len(positional) > 1 else "1"))
+        unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
+    except ValueError:
+        raise AdapterError(f"<lora:{text}>: the scales must be numbers (<lora:NAME:0.8>, "
+                           "<lora:NAME:TE:UNET>, <lora:NAME:te=0.5:unet=1>)") from None
+    return name, te, unet
+
+
+def parse_tags(prompt: str) -> tuple[str, list[Tag]]:
+    """A prompt without its `<lora:...>` tags, and the tags (scales 1 when not given)."""
+    tags: list[Tag] = []
 
     def take(m: re.Match[str]) -> str:
-        name, scale = m[1].strip(), (m[2] or "1").strip()
-        if not name or any(c in name for c in "/\\") or ".." in name:
-            raise AdapterError(f"{m[0]}: a LoRA tag names a file stem in lora_dir (no paths)")
-        try:
-            value = float(scale)
-        except ValueError:
-            raise AdapterError(f"{m[0]}: the scale must be one number (<lora:NAME:0.8>)") from None
-        tags.append((name, value))
+        tags.append(_tag(m[1]))
         return ""
 
     return _TAG.sub(take, prompt), tags
+
+
+def _parts(r: Resolved, te: float, unet: float) -> Active:
+    """(r, scale), or with separate scales its text-encoder and UNet parts (those that adapt something)."""
+    if te == unet:
+        return ((r, float(te)),)
+    text = tuple(c for c in r.report() if c != "unet")
+    parts = ((r.only(text), float(te)), (r.only(("unet",)), float(unet)))
+    return tuple((x, s) for x, s in parts if x.targets)
 
 
 def _loaded(r: Resolved, scale: float, tag: bool) -> LoadedLora:
@@ -99,11 +126,12 @@ class AdapterMixin:
         self._lora_dir = None if lora_dir is None else Path(lora_dir)
         self._emb_dir = None if embeddings_dir is None else Path(embeddings_dir)
 
-    def load_lora(self, path: str | Path, scale: float = 1.0) -> LoadedLora:
+    def load_lora(self, path: str | Path, scale: float = 1.0, *, te_scale: float | None = None) -> LoadedLora:
         """Merge a LoRA / LyCORIS file into the weights, on top of the ones loaded (they add up).
+        `te_scale`: the text encoders' scale when it differs from the UNet's `scale` (A1111's te / unet).
         A file that does not fit the model is an error listing the unmatched keys; nothing changes."""
         r = self._resolved(Path(path))
-        self._merge((*self._explicit, (r, float(scale))), self._tags)
+        self._merge((*self._explicit, *_parts(r, scale if te_scale is None else te_scale, scale)), self._tags)
         return _loaded(r, scale, False)
 
     def unload_loras(self) -> None:
@@ -150,7 +178,8 @@ class AdapterMixin:
         tags = next(iter(sets)) if sets else ()
         if tags and self._lora_dir is None:
             raise AdapterError("a prompt has <lora:...> tags, but no lora_dir was given")
-        active = tuple((self._resolved(self._find(self._lora_dir, n, "LoRA")), s) for n, s in tags)
+        active = tuple(x for n, te, unet in tags
+                       for x in _parts(self._resolved(self._find(self._lora_dir, n, "LoRA")), te, unet))
         self._dir_embeddings([*prompts, *negatives])
         return [t for t, _ in parsed], active
 
@@ -160,7 +189,7 @@ class AdapterMixin:
 
     def _adapter_hashes(self, prompt: str, negative: str) -> tuple[str, str]:
         """A1111's `Lora hashes` and `TI hashes` values for one image."""
-        loras = ", ".join(f"{x.name}: {x.hash}" for x in self.loras if x.hash)
+        loras = ", ".join(dict.fromkeys(f"{x.name}: {x.hash}" for x in self.loras if x.hash))  # te/unet parts: once
         text = f"{prompt} {negative}"
         tis = ", ".join(f"{e.token}: {e.a1111_hash}" for e in self._embeddings.values()
                         if e.info is not None and _named(e.token, text))
