@@ -152,7 +152,8 @@ class AdapterMixin:
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> Embedding:
         """Add a textual-inversion embedding: its token (default the file's stem) in prompts stands for
-        its vectors. Eager models only; an artifact needs `sdexport build --embedding`."""
+        its vectors. Eager models and artifacts (rows added to the runtime's token tables; artifacts built
+        before token tables take only the embeddings built in with `sdexport build --embedding`)."""
         emb = read_embedding(path, token)
         if emb.token in self._embeddings:
             raise AdapterError(f"an embedding named {emb.token!r} is already loaded")
