@@ -101,6 +101,14 @@ def test_embedding_loaded_into_artifact_matches_diffusers(sd1_folder: Path, art:
     assert _err(_image(lazy, PROMPT), want) <= TOL and list(lazy.embeddings) == ["mystyle"]
 
 
+def test_sd2_embedding_loaded_into_artifact_matches_diffusers(sd2_folder: Path, tmp_path: Path) -> None:
+    path = _emb(tmp_path, width=48)
+    want = _reference(sd2_folder, path)
+    pipe = runtime.load(StableDiffusion.from_pretrained(sd2_folder).export(tmp_path / "sd2", **OPTIONS))
+    pipe.load_embedding(path)
+    assert _err(_image(pipe, PROMPT), want) <= TOL
+
+
 def test_sdxl_embedding_eager_and_artifact_match_diffusers(sdxl_folder: Path, tmp_path: Path) -> None:
     path = _xl_emb(tmp_path)
     want = _reference(sdxl_folder, path, xl=True)
