@@ -3,7 +3,8 @@ plus the runtime's table lookup (runtime/token_tables.py), same random SD 1.5-si
 
     OMP_NUM_THREADS=1 python scripts/bench_text_encoder.py --formats pt2,aoti --repeat 30
 
-Calls alternate between the two forms so that load on a shared machine hits both alike.
+Calls alternate between the two forms (back to back, order swapped each time) so that load on a shared
+machine hits both alike.
 """
 
 from __future__ import annotations
@@ -67,16 +68,18 @@ def main() -> None:
             for _ in range(3):
                 for c in calls.values():
                     c()
-            for _ in range(args.repeat):
-                for k, c in calls.items():
+            for i in range(args.repeat):  # back to back, in alternating order
+                for k, c in list(calls.items())[:: 1 if i % 2 else -1]:
                     t0 = time.perf_counter()
                     c()
                     times[k].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             low = {k: min(v) * 1e3 for k, v in times.items()}
+            pairs = statistics.median(a / b for a, b in zip(times["tokens"], times["ids"], strict=True))
             print(f"{fmt}: ids-fed {med['ids']:.2f} ms (min {low['ids']:.2f}), token-fed + lookup "
                   f"{med['tokens']:.2f} ms (min {low['tokens']:.2f}), ratio of medians "
-                  f"{med['tokens'] / med['ids']:.3f}, of minima {low['tokens'] / low['ids']:.3f}, "
+                  f"{med['tokens'] / med['ids']:.3f}, of minima {low['tokens'] / low['ids']:.3f}, median of "
+                  f"back-to-back pairs {pairs:.3f}, "
                   f"max|diff| {diff:.1e}", flush=True)
         lookups = []
         for _ in range(1000):
