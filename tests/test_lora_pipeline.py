@@ -255,7 +255,7 @@ def test_prompt_tags_equal_explicit_load_and_do_not_remerge(sd1_folder: Path, ba
     with pytest.raises(AdapterError, match=r"different <lora:\.\.\.> tags"):
         pipe.text2img([f"{PROMPT} <lora:kohya:0.6>", PROMPT], steps=1, height=H, width=W)
     for bad, msg in (("<lora:../kohya:1>", "no paths"), ("<lora:nope:1>", "no LoRA named 'nope'"),
-                     ("<lora:kohya:x>", "one number")):
+                     ("<lora:kohya:x>", "must be numbers")):
         with pytest.raises(AdapterError, match=msg):
             pipe.text2img(bad, steps=1, height=H, width=W)
     # explicit and tag LoRAs combine
