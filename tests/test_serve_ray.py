@@ -1,0 +1,85 @@
+"""Ray Serve scale-out (runtime/serve/ray_app.py): a local Ray instance with two CPU replicas over the demo
+artifact. Requests are spread over both replicas, give the same images as the single-process server, and
+every socket of Ray's processes stays on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+from serve_helpers import demo_artifact, free_port, start_server
+from serve_net import SocketWatch
+
+from runtime.serve import ray_app
+from runtime.serve.settings import ServeSettings
+
+__all__ = ["demo_artifact"]  # the session fixture, imported for pytest
+
+# Small, distinct jobs: 64 px, 3 steps, each its own seed / prompt / sampler.
+JOBS: list[dict[str, Any]] = [
+    {"prompt": f"a lighthouse, study {i}", "negative_prompt": "blurry" if i % 2 else "", "seed": 100 + i,
+     "steps": 3, "width": 64, "height": 64, "cfg_scale": 5 + i, "sampler_name": ("Euler a", "DDIM", "Euler")[i % 3]}
+    for i in range(6)
+]
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def _post_all(url: str, jobs: list[dict[str, Any]]) -> list[httpx.Response]:
+    with httpx.Client(timeout=300) as client, ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: client.post(f"{url}/sdapi/v1/txt2img", json=job), jobs))
+
+
+def test_two_cpu_replicas_spread_requests_and_match_the_single_process_server(demo_artifact: Path) -> None:
+    single = start_server([demo_artifact], in_process=True, threads=1)
+    try:
+        reference = _post_all(single.url, JOBS)
+    finally:
+        single.stop()
+    assert all(r.status_code == 200 for r in reference), [r.text for r in reference]
+
+    settings = ServeSettings(artifacts=(demo_artifact,), host="127.0.0.1", port=free_port(), threads=1)
+    with SocketWatch(os.getpid(), interval=0.05) as watch:  # Ray's processes are all descendants of this one
+        server = ray_app.start(settings, replicas=2)
+        try:
+            assert server.local and server.url == f"http://127.0.0.1:{settings.port}"
+            responses = _post_all(server.url, JOBS)
+            replicas = {r.headers.get(ray_app.REPLICA_HEADER) for r in responses}
+            for _ in range(3):  # the proxy picks the shorter of two queues: concurrent jobs reach both
+                if len(replicas) >= 2:
+                    break
+                extra = _post_all(server.url, JOBS)
+                replicas |= {r.headers.get(ray_app.REPLICA_HEADER) for r in extra}
+            health = httpx.get(f"{server.url}/health", timeout=30)
+            ray_pids = {p.pid for p in psutil.Process().children(recursive=True)}
+        finally:
+            server.stop()
+
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert None not in replicas and len(replicas) == 2, replicas
+    pids = {int(name.rsplit(":", 1)[1]) for name in replicas if name}
+    assert os.getpid() not in pids and pids <= ray_pids, (pids, ray_pids)  # Ray's workers, not this process
+
+    for job, got, want in zip(JOBS, responses, reference, strict=True):
+        g, w = got.json(), want.json()
+        assert len(g["images"]) == len(w["images"]) == 1
+        np.testing.assert_array_equal(_pixels(g["images"][0]), _pixels(w["images"][0]), err_msg=str(job))
+        import json
+
+        assert json.loads(g["info"])["infotexts"] == json.loads(w["info"])["infotexts"]
+
+    assert not watch.violations(), "\n".join(watch.violations())
+    # The watch did see Ray: the HTTP proxy's listener and many more sockets, in several processes.
+    assert ("127.0.0.1", settings.port) in watch.listening()
+    assert len({s.pid for s in watch.seen}) >= 4, {s.process for s in watch.seen}
