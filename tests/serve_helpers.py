@@ -47,6 +47,11 @@ def build_demo_artifact(out: Path, fmt: str = "pt2") -> Path:
 
 @pytest.fixture(scope="session")
 def demo_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once per session; SDEXPORT_SERVE_DEMO=DIR keeps it between runs (built there when missing)."""
+    keep = os.environ.get("SDEXPORT_SERVE_DEMO")
+    if keep:
+        out = Path(keep)
+        return out if (out / "manifest.json").is_file() else build_demo_artifact(out)
     return build_demo_artifact(tmp_path_factory.mktemp("serve") / "demo")
 
 

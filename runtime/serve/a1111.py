@@ -404,6 +404,7 @@ def info(plan: Plan, req: _Request, images: Images, interrupted: bool) -> str:
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts, "styles": [],
         "job_timestamp": "", "clip_skip": CLIP_SKIP, "is_using_inpainting_conditioning":
             m.manifest.unet_in_channels == 9, "version": "sdexport", "interrupted": interrupted,
+        "model_calls_run": plan.job.calls_run,
     })
 
 

@@ -54,6 +54,7 @@ class Job:
     future: Future[Images] = field(default_factory=Future)
     cancelled: bool = False  # the client went away
     interrupted: bool = False
+    calls_run: int = 0  # model calls of its last pipeline call (how far an interrupted one got)
     total_units: int = 0
     done_units: int = 0
 
@@ -216,11 +217,13 @@ class Worker:
         head = jobs[0]
 
         def step(i: int, total: int) -> None:
-            if self._interrupt.is_set() or all(j.cancelled for j in jobs) or self._stop_now():
-                raise _Interrupted
             with self._cond:
+                for j in jobs:
+                    j.calls_run = i
                 self._state.sampling_step, self._state.sampling_steps = i, total
                 self._state.fraction = (head.done_units + i / total) / max(head.total_units, 1)
+            if self._interrupt.is_set() or all(j.cancelled for j in jobs):
+                raise _Interrupted
 
         prompts = [p for u in units for p in u.prompts]
         negatives = [p for u in units for p in u.negatives]
@@ -247,11 +250,11 @@ class Worker:
             out.append(u.post(mine) if u.post is not None else mine)
         return out
 
-    def _stop_now(self) -> bool:
-        return False  # SIGTERM lets the running call finish
-
     def _finish(self, picked: list[tuple[Job, Unit]], outcome: list[Images | Exception] | _Interrupted) -> None:
+        jobs: list[Job] = []
         for n, (job, _) in enumerate(picked):
+            if job not in jobs:
+                jobs.append(job)
             if job.future.done():
                 continue
             if isinstance(outcome, _Interrupted):
@@ -260,10 +263,12 @@ class Worker:
                 job.then = None
             elif isinstance(result := outcome[n], Exception):
                 self._fail(job, result)
-                continue
             else:
                 job.results.extend(result)
                 job.done_units += 1
+        for job in jobs:
+            if job.future.done():
+                continue
             if not job.units and job.then is not None and not job.cancelled:
                 try:
                     job.units = job.then(job.results)
