@@ -13,15 +13,16 @@ async function api(path, options) {
   return body;
 }
 
-// FastAPI answers {"detail": str | [{loc, msg}]}; A1111 adds {"error", "errors"}.
+// The server answers {"error", "field", "detail"}; FastAPI's own form is {"detail": str | [{loc, msg}]}.
 function errorText(response, body) {
   if (!body) return `${response.status} ${response.statusText}`;
-  const detail = body.detail ?? body.errors ?? body.error;
+  const detail = body.detail ?? body.error;
   if (Array.isArray(detail)) {
     return detail.map((d) => (d.loc ? d.loc.filter((p) => p !== "body").join(".") + ": " : "") + (d.msg ?? JSON.stringify(d)))
       .join("\n");
   }
-  return `${response.status}: ${typeof detail === "string" ? detail : JSON.stringify(body)}`;
+  const text = typeof detail === "string" ? detail : JSON.stringify(body);
+  return `${response.status}: ${body.field ? body.field + ": " : ""}${text}`;
 }
 
 function showError(message) {
@@ -84,7 +85,7 @@ async function pollProgress() {
   try {
     const p = await api("/progress?skip_current_image=true");
     const state = p.state ?? {};
-    const text = state.sampling_steps ? `step ${state.sampling_step} / ${state.sampling_steps}` : undefined;
+    const text = state.sampling_steps ? `step ${state.sampling_step} / ${state.sampling_steps}` : "starting…";
     if (polling) setProgress(p.progress ?? 0, text);
   } catch (_) { /* the next poll retries */ }
 }
