@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -339,4 +340,4 @@ def test_sigterm_finishes_running_job(demo_artifact: Path) -> None:  # noqa: F81
     srv.stop()  # SIGTERM, then wait
     t.join(60)
     assert result["r"].status_code == 200 and len(result["r"].json()["images"]) == 1
-    assert srv.proc.returncode == 0, srv.logs()
+    assert srv.proc.returncode in (0, -signal.SIGTERM), srv.logs()  # uvicorn re-raises the signal it handled

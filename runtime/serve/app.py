@@ -44,7 +44,7 @@ class Server:
         self.models = Models(settings)
         self.ctx = a1111.Context(settings, self.models)
         self.worker = Worker(self.models.pipeline, lambda name: self.models.models[name].manifest.shapes.max_batch,
-                             settings.max_queue, settings.batching)
+                             settings.max_queue, settings.batching, preload=self.models.default)
 
     async def run(self, request: Request, plan: a1111.Plan) -> tuple[Images, bool]:
         """Queue the plan's job and wait for it; a client that goes away cancels its job."""

@@ -12,6 +12,7 @@ call (the step callback raises) and the jobs in it return the images finished be
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -76,8 +77,10 @@ class _State:
 
 
 class Worker:
-    def __init__(self, loader: Loader, max_batch: Callable[[str], int], max_queue: int, batching: bool) -> None:
+    def __init__(self, loader: Loader, max_batch: Callable[[str], int], max_queue: int, batching: bool,
+                 preload: str | None = None) -> None:
         self._loader = loader
+        self._preload = preload  # loaded first thing in the thread, so that the first request does not wait
         self._max_batch = max_batch
         self._max_queue = max_queue
         self.batching = batching
@@ -154,12 +157,18 @@ class Worker:
 
     # ---- the worker thread -----------------------------------------------------------------------
     def _loop(self) -> None:
+        if self._preload is not None:
+            with contextlib.suppress(Exception):  # the first request that needs it reports the error
+                self._loader(self._preload)
         while True:
             with self._cond:
                 while not self._stop and not self._queue:
                     self._cond.wait()
                 if not self._queue:
                     return
+                self._queue = [j for j in self._queue if j.units and not j.future.done()]
+                if not self._queue:
+                    continue
                 picked = self._pick()
                 self._running = sorted({id(j): j for j, _ in picked}.values(), key=self._queue.index)
                 self._interrupt.clear()
@@ -167,7 +176,10 @@ class Worker:
                 self._state = _State(job_timestamp=time.strftime("%Y%m%d%H%M%S"), started=time.monotonic(),
                                      sampling_steps=0, fraction=head.done_units / max(head.total_units, 1))
             t0 = time.monotonic()
-            outcome = self._run_units(picked)
+            try:
+                outcome = self._run_units(picked)
+            except BaseException as e:  # never let the worker die: fail what it held
+                outcome = [e if isinstance(e, Exception) else RuntimeError(str(e)) for _ in picked]
             with self._cond:
                 self._unit_seconds = 0.7 * self._unit_seconds + 0.3 * (time.monotonic() - t0)
                 self._finish(picked, outcome)
@@ -267,7 +279,9 @@ class Worker:
                 job.results.extend(result)
                 job.done_units += 1
         for job in jobs:
-            if job.future.done():
+            if job.future.done():  # failed, or cancelled by its client
+                if job in self._queue:
+                    self._queue.remove(job)
                 continue
             if not job.units and job.then is not None and not job.cancelled:
                 try:
