@@ -254,7 +254,8 @@ def _routes(app: FastAPI, server: Server) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "queued": worker.queued, "loaded": server.models.loaded, "batching": worker.batching,
-                "pipeline_calls": worker.batches, "units_run": worker.batched_units}
+                "pipeline_calls": worker.batches, "units_run": worker.batched_units,
+                "busy_s": round(worker.busy_s, 3)}
 
     @app.get("/", response_model=None)
     async def index() -> Response:

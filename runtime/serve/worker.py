@@ -93,6 +93,7 @@ class Worker:
         self._unit_seconds = 1.0  # moving average, for Retry-After
         self.batches = 0  # pipeline calls made
         self.batched_units = 0  # units that ran in them
+        self.busy_s = 0.0  # seconds spent in pipeline calls
         self._thread = threading.Thread(target=self._loop, name="sdexport-serve-worker", daemon=True)
         self._thread.start()
 
@@ -181,6 +182,7 @@ class Worker:
             except BaseException as e:  # never let the worker die: fail what it held
                 outcome = [e if isinstance(e, Exception) else RuntimeError(str(e)) for _ in picked]
             with self._cond:
+                self.busy_s += time.monotonic() - t0
                 self._unit_seconds = 0.7 * self._unit_seconds + 0.3 * (time.monotonic() - t0)
                 self._finish(picked, outcome)
                 self._running = []
