@@ -11,6 +11,7 @@ server's RSS is read from /proc before and after the timed run. Prints a markdow
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -24,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+def _helpers() -> Any:
+    """tests/serve_helpers.py: the demo artifact and the server subprocess, as the tests start them."""
+    return importlib.import_module("serve_helpers")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -34,9 +40,8 @@ def rss_mb(pid: int) -> float:
 def run_mode(art: Path, batching: bool, requests: int, concurrency: int, size: int, steps: int,
              warmup: int) -> dict[str, Any]:
     import httpx
-    from serve_helpers import start_server
 
-    srv = start_server([art], batching=batching, max_queue=max(64, concurrency * 2))
+    srv = _helpers().start_server([art], batching=batching, max_queue=max(64, concurrency * 2))
     try:
         def one(k: int) -> tuple[int, float]:
             body = {"prompt": f"a red fox number {k}", "seed": k, "steps": steps, "width": size, "height": size,
@@ -81,9 +86,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     if a.demo:
-        from serve_helpers import build_demo_artifact
-
-        art = build_demo_artifact(Path(tempfile.mkdtemp(prefix="bench-serve-")) / "demo")
+        art = _helpers().build_demo_artifact(Path(tempfile.mkdtemp(prefix="bench-serve-")) / "demo")
     elif a.artifact is None:
         p.error("give ART or --demo")
     else:
