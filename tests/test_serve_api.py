@@ -341,3 +341,44 @@ def test_sigterm_finishes_running_job(demo_artifact: Path) -> None:  # noqa: F81
     t.join(60)
     assert result["r"].status_code == 200 and len(result["r"].json()["images"]) == 1
     assert srv.proc.returncode in (0, -signal.SIGTERM), srv.logs()  # uvicorn re-raises the signal it handled
+
+
+# ---- LoRA tags through the server ----------------------------------------------------------------------
+
+def test_lora_tags(demo_artifact: Path, tmp_path: Path) -> None:  # noqa: F811
+    """`<lora:NAME:w>` resolves NAME inside --lora-dir only; the image equals the runtime's with the same
+    lora_dir; requests with different tag sets are never batched together."""
+    import lora_writer as lw
+
+    from sdexport.presets import random_pipeline
+
+    sd = random_pipeline("demo")
+    assert sd.text_encoder is not None
+    mods = {"unet": {k[:-7]: tuple(v.shape) for k, v in sd.unet.state_dict().items() if k.endswith("to_q.weight")},
+            "text_encoder": {k[:-7]: tuple(v.shape) for k, v in sd.text_encoder.state_dict().items()
+                             if k.endswith("q_proj.weight")}}
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    lw.save({k: v * 20 for k, v in lw.kohya(mods, rank=4, alpha=4.0).items()}, loras / "detail.safetensors")
+    (tmp_path / "secret.safetensors").write_bytes((loras / "detail.safetensors").read_bytes())
+    srv = start_server([demo_artifact], lora_dir=loras, in_process=True)
+    try:
+        assert [x["name"] for x in httpx.get(f"{srv.url}/sdapi/v1/loras").json()] == ["detail"]
+        tagged = {**GOOD, "prompt": "a fox <lora:detail:0.8>", "steps": 3}
+        with ThreadPoolExecutor(2) as ex:
+            rs = list(ex.map(lambda b: httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=b, timeout=300),
+                             [tagged, {**tagged, "prompt": "a fox"}]))
+        assert [r.status_code for r in rs] == [200, 200], [r.text for r in rs]
+        got = [Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))) for r in rs]
+        local = runtime.load(demo_artifact, lora_dir=loras)
+        for g, prompt in zip(got, ["a fox <lora:detail:0.8>", "a fox"], strict=True):
+            _same(g, _local(local, "text2img", prompt, steps=3, scale=7.0, height=SIZE, width=SIZE, seed=1,
+                            scheduler="euler")[0])
+        assert np.abs(np.asarray(got[0], dtype=np.int16) - np.asarray(got[1], dtype=np.int16)).max() > 0
+        assert "Lora hashes" in got[0].info["parameters"]
+        for bad in ("a <lora:../secret:1>", "a <lora:missing:1>"):
+            r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**GOOD, "prompt": bad}, timeout=60)
+            assert r.status_code == 422 and "LoRA" in r.json()["detail"], r.text
+            _healthy(srv)
+    finally:
+        srv.stop()

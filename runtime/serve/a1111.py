@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from runtime.adapters.session import _SUFFIXES as LORA_SUFFIXES  # the file kinds a tag may name
 from runtime.adapters.session import parse_tags
 from runtime.prompt import encode_prompts, schedule_prompts
 from runtime.prompt_steps import composable
@@ -194,6 +195,10 @@ def _prompt(req: _Request, ctx: Context) -> str:
         raise RequestError("prompt", str(e)) from None
     if tags and ctx.settings.lora_dir is None:
         raise RequestError("prompt", "has <lora:...> tags, but this server was started without --lora-dir")
+    for name, _ in tags:  # parse_tags refused paths: NAME is a file stem directly inside lora_dir
+        assert ctx.settings.lora_dir is not None
+        if not any((ctx.settings.lora_dir / f"{name}{s}").is_file() for s in LORA_SUFFIXES):
+            raise RequestError("prompt", f"no LoRA named {name!r} on this server (see /sdapi/v1/loras)")
     return req.prompt
 
 

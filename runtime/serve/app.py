@@ -237,7 +237,7 @@ def _routes(app: FastAPI, server: Server) -> None:
     @app.get("/sdapi/v1/loras")
     async def loras() -> list[dict[str, Any]]:
         d = server.settings.lora_dir
-        files = [] if d is None else sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".pt", ".ckpt"))
+        files = [] if d is None else sorted(p for p in d.iterdir() if p.suffix in a1111.LORA_SUFFIXES)
         return [{"name": p.stem, "alias": p.stem, "path": p.name, "metadata": {}} for p in files]
 
     @app.get("/sdapi/v1/embeddings")
