@@ -18,8 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from runtime.adapters.session import _SUFFIXES as LORA_SUFFIXES  # the file kinds a tag may name
-from runtime.adapters.session import parse_tags
+from runtime.adapters.session import _SUFFIXES, parse_tags
 from runtime.prompt import encode_prompts, schedule_prompts
 from runtime.prompt_steps import composable
 from runtime.samplers import SCHEDULERS
@@ -37,6 +36,7 @@ SCHEDULE_TYPES = ("automatic", "karras")
 HR_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 MAX_IMAGES = 64  # batch_size x n_iter of one request
 MAX_STEPS = 1000
+LORA_SUFFIXES: tuple[str, ...] = _SUFFIXES  # the files a <lora:NAME> tag may name
 CLIP_SKIP = 1
 
 
