@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 from serve_helpers import demo_artifact, start_server
@@ -75,7 +76,10 @@ def test_page_generates_an_image_with_a_moving_progress_bar(browser: Any, demo_a
         _wait("the model list", lambda: browser.execute_script("return document.getElementById('model').length"))
         samplers = browser.execute_script("return [...document.getElementById('sampler').options].map(o => o.value)")
         assert "Euler a" in samplers and "DPM++ 2M" in samplers, samplers
-        assert browser.find_element("id", "model").get_attribute("value") == demo_artifact.name
+        models = [m["title"] for m in httpx.get(srv.url + "/sdapi/v1/sd-models", timeout=30).json()]
+        assert browser.execute_script("return [...document.getElementById('model').options].map(o => o.value)") \
+            == models
+        assert browser.find_element("id", "model").get_attribute("value") == models[0]
 
         prompt = "a lighthouse on a cliff at dusk"
         _set(browser, "prompt", prompt)

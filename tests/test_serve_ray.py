@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
+import pytest
 from PIL import Image
 from serve_helpers import demo_artifact, free_port, start_server
 from serve_net import SocketWatch
@@ -22,6 +24,7 @@ from runtime.serve import ray_app
 from runtime.serve.settings import ServeSettings
 
 __all__ = ["demo_artifact"]  # the session fixture, imported for pytest
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's pydantic v1-style fields
 
 # Small, distinct jobs: 64 px, 3 steps, each its own seed / prompt / sampler.
 JOBS: list[dict[str, Any]] = [
@@ -32,12 +35,24 @@ JOBS: list[dict[str, Any]] = [
 
 
 def _pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
 
 def _post_all(url: str, jobs: list[dict[str, Any]]) -> list[httpx.Response]:
     with httpx.Client(timeout=300) as client, ThreadPoolExecutor(len(jobs)) as pool:
         return list(pool.map(lambda job: client.post(f"{url}/sdapi/v1/txt2img", json=job), jobs))
+
+
+def test_bad_input_is_refused_before_ray_starts(demo_artifact: Path, tmp_path: Path) -> None:
+    import ray
+
+    settings = ServeSettings(artifacts=(demo_artifact,), port=free_port())
+    with pytest.raises(ValueError, match="replicas must be an integer >= 1"):
+        ray_app.start(settings, replicas=0)
+    missing = ServeSettings(artifacts=(tmp_path / "no-such-artifact",), port=free_port())
+    with pytest.raises(ValueError, match="no such artifact folder"):
+        ray_app.start(missing, replicas=1)
+    assert not ray.is_initialized()
 
 
 def test_two_cpu_replicas_spread_requests_and_match_the_single_process_server(demo_artifact: Path) -> None:
@@ -74,9 +89,10 @@ def test_two_cpu_replicas_spread_requests_and_match_the_single_process_server(de
     for job, got, want in zip(JOBS, responses, reference, strict=True):
         g, w = got.json(), want.json()
         assert len(g["images"]) == len(w["images"]) == 1
-        np.testing.assert_array_equal(_pixels(g["images"][0]), _pixels(w["images"][0]), err_msg=str(job))
-        import json
-
+        # Concurrent jobs batch differently on one worker and on two: float round-off of other GEMM shapes
+        # may move a channel by one level (as in tests/test_serve_api.py), never more.
+        diff = np.abs(_pixels(g["images"][0]) - _pixels(w["images"][0]))
+        assert diff.max() <= 1, (job, int(diff.max()))
         assert json.loads(g["info"])["infotexts"] == json.loads(w["info"])["infotexts"]
 
     assert not watch.violations(), "\n".join(watch.violations())

@@ -12,6 +12,7 @@ that cluster, whose own configuration decides its network (README: "Serve over H
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import socket
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 APP_NAME = "sdexport"
 REPLICA_HEADER = "X-Sdexport-Replica"  # "<host>:<pid>" of the replica that answered
 OBJECT_STORE_BYTES = 256 * 2**20  # local instance: request and response bodies only (Ray's minimum is 75 MiB)
+CONSTRUCTOR_RETRIES = 2  # Ray's default is 20: minutes before a replica that cannot load is reported
 _LOOPBACK_FLAG = "SDEXPORT_RAY_LOOPBACK"
 
 # The environment of a local instance's processes. Ray probes cloud metadata addresses (169.254.169.254)
@@ -170,6 +172,10 @@ def start(settings: ServeSettings, replicas: int = 1) -> RayServer:
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
     cluster = os.environ.get("RAY_ADDRESS", "")
+    if not cluster:  # a bad artifact is refused here, not by each replica in turn (their paths are ours)
+        from runtime.serve.models import Models
+
+        Models(settings)
     undo: list[Callable[[], None]] = []
     server = RayServer(url=f"http://{settings.host}:{settings.port}", replicas=replicas, local=not cluster,
                        _undo=undo)
@@ -188,16 +194,18 @@ def start(settings: ServeSettings, replicas: int = 1) -> RayServer:
         def builder() -> FastAPI:  # runs in each replica
             return build_app(settings)
 
-        deployment: Any = serve.deployment(  # (Ray's overloads type the class form loosely)
-            serve.ingress(builder)(),
-            name=APP_NAME,
-            num_replicas=replicas,
-            ray_actor_options=options,
+        config: dict[str, Any] = {
+            "name": APP_NAME,
+            "num_replicas": replicas,
+            "ray_actor_options": options,
             # A replica queues and batches by itself and answers 503 past max_queue: Ray sends it up to that
             # many, and holds as many more at the proxy before it answers 503 itself.
-            max_ongoing_requests=settings.max_queue,
-            max_queued_requests=settings.max_queue,
-        )
+            "max_ongoing_requests": settings.max_queue,
+            "max_queued_requests": settings.max_queue,
+        }
+        if "max_constructor_retry_count" in inspect.signature(serve.deployment).parameters:
+            config["max_constructor_retry_count"] = CONSTRUCTOR_RETRIES  # a replica that cannot start: fail soon
+        deployment: Any = serve.deployment(serve.ingress(builder)(), **config)
         serve.run(deployment.bind(), name=APP_NAME, route_prefix="/")
     except BaseException:
         server.stop()
@@ -207,7 +215,13 @@ def start(settings: ServeSettings, replicas: int = 1) -> RayServer:
 
 def run(settings: ServeSettings, replicas: int = 1) -> None:
     """`python -m runtime.serve ART --ray --replicas N`: deploy, serve until SIGINT / SIGTERM, clean up."""
-    server = start(settings, replicas)
+    from runtime.manifest import ArtifactError
+
+    try:
+        server = start(settings, replicas)
+    except (ValueError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
