@@ -382,3 +382,32 @@ def test_lora_tags(demo_artifact: Path, tmp_path: Path) -> None:  # noqa: F811
             _healthy(srv)
     finally:
         srv.stop()
+
+
+def test_several_artifacts(demo_artifact: Path, tmp_path: Path, pipe: runtime.Pipeline) -> None:  # noqa: F811
+    """A folder of artifacts: each is listed, `sd_model_checkpoint` picks one by name or title, only among them."""
+    import shutil
+
+    folder = tmp_path / "models"
+    for name in ("alpha", "beta"):
+        shutil.copytree(demo_artifact, folder / name)
+    srv = start_server([folder], in_process=True)
+    try:
+        api = _api(srv)
+        models = api.get_sd_models()
+        assert [m["model_name"] for m in models] == ["alpha", "beta"]
+        assert api.get_options()["sd_model_checkpoint"] == models[0]["title"]
+        for choice in ("beta", models[1]["title"], "alpha"):
+            r = api.txt2img(prompt=PROMPT, seed=2, steps=2, width=SIZE, height=SIZE, sampler_name="Euler",
+                            override_settings={"sd_model_checkpoint": choice})
+            assert r.info["sd_model_name"] == choice.split(" ")[0]
+            want = _local(pipe, "text2img", PROMPT, steps=2, scale=7.0, height=SIZE, width=SIZE, seed=2,
+                          scheduler="euler")
+            _same(r.image, want[0])
+        api.set_options({"sd_model_checkpoint": "beta"})
+        assert api.get_options()["sd_model_checkpoint"] == models[1]["title"]
+        for bad in (str(demo_artifact), "models/alpha", "alpha/../beta"):
+            r = httpx.post(f"{srv.url}/sdapi/v1/options", json={"sd_model_checkpoint": bad})
+            assert r.status_code == 404 and r.json()["field"] == "sd_model_checkpoint", r.text
+    finally:
+        srv.stop()
