@@ -70,19 +70,31 @@ def test_two_cpu_replicas_spread_requests_and_match_the_single_process_server(de
             assert server.local and server.url == f"http://127.0.0.1:{settings.port}"
             responses = _post_all(server.url, JOBS)
             replicas = {r.headers.get(ray_app.REPLICA_HEADER) for r in responses}
+            sent = len(JOBS)
             for _ in range(3):  # the proxy picks the shorter of two queues: concurrent jobs reach both
                 if len(replicas) >= 2:
                     break
                 extra = _post_all(server.url, JOBS)
+                assert all(r.status_code == 200 for r in extra), [r.text for r in extra]
                 replicas |= {r.headers.get(ray_app.REPLICA_HEADER) for r in extra}
-            health = httpx.get(f"{server.url}/health", timeout=30)
+                sent += len(JOBS)
+            stats: dict[str, dict[str, Any]] = {}  # each replica's /health: the counters of its own worker
+            for _ in range(200):
+                if len(stats) >= len(replicas):
+                    break
+                h = httpx.get(f"{server.url}/health", timeout=30)
+                assert h.status_code == 200 and h.json()["status"] == "ok"
+                stats[h.headers[ray_app.REPLICA_HEADER]] = h.json()
             ray_pids = {p.pid for p in psutil.Process().children(recursive=True)}
         finally:
             server.stop()
 
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-    assert health.status_code == 200 and health.json()["status"] == "ok"
     assert None not in replicas and len(replicas) == 2, replicas
+    # Each replica ran its share with its own batching worker; together, every job once.
+    assert set(stats) == replicas, (stats, replicas)
+    assert all(st["batching"] and st["units_run"] >= 1 for st in stats.values()), stats
+    assert sum(st["units_run"] for st in stats.values()) == sent, (stats, sent)
     pids = {int(name.rsplit(":", 1)[1]) for name in replicas if name}
     assert os.getpid() not in pids and pids <= ray_pids, (pids, ray_pids)  # Ray's workers, not this process
 
