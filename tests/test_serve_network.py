@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 from serve_helpers import demo_artifact, start_server
-from serve_net import SocketWatch, is_loopback
+from serve_net import Sock, SocketWatch, is_loopback
 
 __all__ = ["demo_artifact"]  # the session fixture, imported for pytest
 
@@ -30,21 +30,35 @@ def test_loopback_classification() -> None:
         assert not is_loopback(ip), ip
 
 
-def test_watch_sees_a_wildcard_listener() -> None:
-    """The detector itself: a child listening on 0.0.0.0 is reported (so a clean result below means something)."""
-    code = "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); print('up', flush=True); " \
-           "time.sleep(30)"
+def test_socket_verdicts() -> None:
+    def sock(local: tuple[str, int] | None, remote: tuple[str, int] | None, status: str) -> Sock:
+        return Sock(pid=1, process="p", kind="tcp", local=local, remote=remote, status=status)
+
+    assert sock(("127.0.0.1", 7861), None, psutil.CONN_LISTEN).problem() is None
+    assert sock(("::ffff:127.0.0.1", 5), ("::ffff:127.0.0.1", 6), psutil.CONN_ESTABLISHED).problem() is None
+    assert sock(("0.0.0.0", 7861), None, psutil.CONN_LISTEN).problem() == "listening on 0.0.0.0:7861"
+    assert sock(("::", 7861), None, psutil.CONN_LISTEN).problem() == "listening on :::7861"
+    assert sock(("10.0.0.2", 5), ("169.254.169.254", 80), psutil.CONN_SYN_SENT).problem() == \
+        "peer 169.254.169.254:80"
+
+
+def test_watch_sees_a_child_listener() -> None:
+    """The watcher samples the whole tree: a child's listener shows up (on loopback: no violation)."""
+    code = "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); " \
+           "print(s.getsockname()[1], flush=True); time.sleep(30)"
     with SocketWatch(os.getpid()) as watch:
         child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
         try:
-            assert child.stdout is not None and child.stdout.readline().strip() == b"up"
+            assert child.stdout is not None
+            port = int(child.stdout.readline())
             deadline = time.monotonic() + 10
-            while not watch.violations() and time.monotonic() < deadline:
+            while ("127.0.0.1", port) not in watch.listening() and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             child.kill()
             child.wait()
-    assert any("listening on 0.0.0.0" in v for v in watch.violations()), watch.violations()
+    assert any(s.pid == child.pid and s.local == ("127.0.0.1", port) for s in watch.seen)
+    assert not watch.violations(), watch.violations()
 
 
 def test_server_talks_to_loopback_only(demo_artifact: Path) -> None:
