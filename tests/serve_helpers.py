@@ -99,7 +99,8 @@ def wait_healthy(url: str, timeout: float = 120.0, alive: Callable[[], bool] = l
         if not alive():
             raise RuntimeError("the server exited during start-up")
         try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+            r = httpx.get(f"{url}/health", timeout=2.0)
+            if r.status_code == 200 and r.json().get("loaded", True):  # the default model is loaded
                 return
         except httpx.HTTPError:
             pass
