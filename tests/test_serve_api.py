@@ -418,3 +418,18 @@ def test_several_artifacts(demo_artifact: Path, tmp_path: Path, pipe: runtime.Pi
             assert r.status_code == 404 and r.json()["field"] == "sd_model_checkpoint", r.text
     finally:
         srv.stop()
+
+
+def test_cli_entry_points(tmp_path: Path) -> None:
+    """`sdexport serve` forwards to `python -m runtime.serve`; bad arguments are one clean line, exit 2."""
+    from click.testing import CliRunner
+
+    from runtime.serve.__main__ import main as serve_main
+    from sdexport.cli import main
+
+    r = CliRunner().invoke(main, ["serve", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "no such artifact folder" in r.output
+    assert serve_main([str(tmp_path), "--api-auth", "nocolon"]) == 2
+    with pytest.raises(SystemExit) as e:
+        serve_main(["--help"])
+    assert e.value.code == 0
