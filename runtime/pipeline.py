@@ -52,7 +52,7 @@ class _Job:
     guidance: list[float]  # composable-prompt guidance weight per image
     options: _Prompts
     steps: int
-    scale: float
+    scale: tuple[float, ...]  # CFG scale per image
     height: int
     width: int
     seeds: list[int]
@@ -99,7 +99,7 @@ class Pipeline(AdapterMixin):
         negative_prompt: str | Sequence[str] = "",
         *,
         steps: int = 28,
-        scale: float = 7.5,
+        scale: float | Sequence[float] = 7.5,
         height: int = 512,
         width: int = 512,
         seed: int | Sequence[int] | None = None,
@@ -135,7 +135,7 @@ class Pipeline(AdapterMixin):
         *,
         strength: float = 0.8,
         steps: int = 28,
-        scale: float = 7.5,
+        scale: float | Sequence[float] = 7.5,
         seed: int | Sequence[int] | None = None,
         scheduler: str | None = None,
         eta: float = 0.0,
@@ -171,7 +171,7 @@ class Pipeline(AdapterMixin):
         *,
         strength: float = 1.0,
         steps: int = 28,
-        scale: float = 7.5,
+        scale: float | Sequence[float] = 7.5,
         seed: int | Sequence[int] | None = None,
         scheduler: str | None = None,
         eta: float = 0.0,
@@ -205,7 +205,8 @@ class Pipeline(AdapterMixin):
                               progress)
 
     # ---- validation -------------------------------------------------------------------------
-    def _job(self, prompt: str | Sequence[str], negative: str | Sequence[str], steps: int, scale: float,
+    def _job(self, prompt: str | Sequence[str], negative: str | Sequence[str], steps: int,
+             scale: float | Sequence[float],
              height: int, width: int, seed: int | Sequence[int] | None, scheduler: str | None, eta: float,
              batch_size: int, strength: float, size: SizeConditioning, options: _Prompts, text2img: bool) -> _Job:
         prompts, negatives = prompt_lists(prompt, negative, batch_size)
@@ -215,8 +216,7 @@ class Pipeline(AdapterMixin):
         n = len(prompts)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(scale, int | float) or not math.isfinite(scale):
-            raise ValueError(f"scale (CFG) must be a finite number, got {scale!r}")
+        scales = _scales(scale, n)
         for name, px in (("height", height), ("width", width)):
             if isinstance(px, bool) or not isinstance(px, int) or px < 8 or px % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8 pixels, got {px!r}")
@@ -226,10 +226,10 @@ class Pipeline(AdapterMixin):
         get_scheduler(scheduler)  # raises on an unknown name
         if not isinstance(eta, int | float) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        if scale <= 1.0 and any(w != 1.0 for w in guidance):
+        if scales[0] <= 1.0 and any(w != 1.0 for w in guidance):
             raise ValueError("a composable-prompt weight (a trailing ':w' under syntax='a1111') needs "
                              f"guidance (scale > 1), got scale={scale!r}")
-        return _Job(prompts, negatives, texts, guidance, options, steps, float(scale), height, width,
+        return _Job(prompts, negatives, texts, guidance, options, steps, scales, height, width,
                     seeds(seed, n), scheduler, float(eta), float(strength), size.checked(self.backend.info), text2img,
                     loras)
 
@@ -238,7 +238,7 @@ class Pipeline(AdapterMixin):
                   output: Output, progress: StepCallback | None) -> list[Image.Image] | Tensor:
         if output not in ("pil", "tensor"):
             raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
-        guided = job.scale > 1.0  # as diffusers: guidance off for scale <= 1
+        guided = job.scale[0] > 1.0  # as diffusers: guidance off for scale <= 1 (_scales: all one side)
         shape = self._check_request(job, mask, latents, guided)
         self._use_tags(job.loras)
         schedule = make_schedule(job.scheduler, SchedulerConfig.from_dict(self.backend.info.scheduler_config),
@@ -247,7 +247,7 @@ class Pipeline(AdapterMixin):
         cursor = StepCursor(self._encode_prompts(job, guided), schedule)
         noise, cond = self._draw_latents(job, image, mask, latents, gens, shape)
         x = initial_latents(schedule, noise, cond.start)
-        scale = guidance_scale(job.scale, job.guidance, self.backend.device) if guided else None
+        scale = _guidance(job, self.backend.device) if guided else None
         model = self._guided_model(scale, cursor, cond.unet_extra)
         blend = None if cond.blend is None else _inpaint_blend(schedule, cond.blend, noise)
         callback = _step_callback(schedule.num_steps, progress, blend, cursor)
@@ -355,11 +355,30 @@ class Pipeline(AdapterMixin):
         loras, tis = self._adapter_hashes(job.prompts[i], job.negatives[i])
         pil.info["parameters"] = format_parameters(Parameters(
             prompt=job.prompts[i], negative_prompt=job.negatives[i], steps=job.steps,
-            sampler=job.scheduler, cfg_scale=job.scale, seed=job.seeds[i], width=job.width,
+            sampler=job.scheduler, cfg_scale=job.scale[i], seed=job.seeds[i], width=job.width,
             height=job.height, model_hash=info.hash, model=info.name,
             strength=job.strength if job.strength < 1.0 else None, syntax=job.options.syntax,
             emphasis=job.options.emphasis, lora_hashes=loras, ti_hashes=tis))
         return pil
+
+
+def _scales(scale: float | Sequence[float], n: int) -> tuple[float, ...]:
+    """One CFG scale per image: a number, or a list of `n` (all > 1, or all <= 1: guidance is on or off
+    for the whole batch)."""
+    values = [scale] * n if isinstance(scale, int | float) else list(scale)
+    if len(values) != n or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                                   for v in values):
+        raise ValueError(f"scale (CFG) must be a finite number or a list of {n}, got {scale!r}")
+    if len({v > 1.0 for v in values}) > 1:
+        raise ValueError(f"per-image scales must be all > 1 or all <= 1 (guidance on or off), got {scale!r}")
+    return tuple(float(v) for v in values)
+
+
+def _guidance(job: _Job, device: torch.device) -> float | Tensor:
+    """The CFG scale of each image (runtime.prompt_steps.guidance_scale), per-image scales folded in."""
+    if len(set(job.scale)) == 1:
+        return guidance_scale(job.scale[0], job.guidance, device)
+    return guidance_scale(1.0, [s * w for s, w in zip(job.scale, job.guidance, strict=True)], device)
 
 
 def _inpaint_blend(schedule: Schedule, blend: tuple[Tensor, Tensor], noise: Tensor) -> Callback:

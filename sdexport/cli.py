@@ -363,6 +363,15 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
         raise click.ClickException(f"the compiled image differs from the eager one by {diff:.2e} (> 1e-3)")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def serve(args: tuple[str, ...]) -> None:
+    """Serve artifacts over A1111's HTTP API: the same as `python -m runtime.serve ART ...` (--help there)."""
+    from runtime.serve.__main__ import main as serve_main
+
+    raise SystemExit(serve_main(list(args)))
+
+
 @main.command()
 @click.argument("model")
 @click.option("--artifact", "artifacts", multiple=True, type=click.Path(exists=True, path_type=Path))
