@@ -174,6 +174,8 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 @click.option("--device", default=None, help="cpu or cuda (default: the model's)")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="artifacts on CUDA: replay the UNet step through a CUDA graph per shape")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads of every engine (torch, onnxruntime) [default: torch's]")
 @click.option("--original-size", type=(int, int), default=None, metavar="H W",
               help="SDXL size conditioning [default: the image size]")
 @click.option("--crop", type=(int, int), default=None, metavar="TOP LEFT",
@@ -195,7 +197,7 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, width: int | None,
              height: int | None, seed: int | None, sampler: str | None, batch_size: int, strength: float | None,
              init_image: Path | None, mask: Path | None, device: str | None, cuda_graphs: bool,
-             original_size: tuple[int, int] | None, crop: tuple[int, int] | None,
+             threads: int | None, original_size: tuple[int, int] | None, crop: tuple[int, int] | None,
              target_size: tuple[int, int] | None, aesthetic_score: float | None, syntax: str, emphasis: str,
              lora_dir: Path | None, embeddings_dir: Path | None, loras: tuple[str, ...],
              embeddings: tuple[Path, ...], out: Path) -> None:
@@ -213,8 +215,11 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
     if (Path(model) / "manifest.json").is_file():
         import runtime
 
-        pipe: Any = runtime.load(model, device=device, cuda_graphs=cuda_graphs)
+        pipe: Any = runtime.load(model, device=device, cuda_graphs=cuda_graphs, threads=threads)
     else:
+        from runtime.cpu import use_threads
+
+        use_threads(threads)
         pipe = open_model(model)
         if device is not None:
             pipe.to(device)
@@ -378,18 +383,20 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
 @click.option("--diffusers/--no-diffusers", "with_diffusers", default=True, show_default=True)
 @click.option("--compile/--no-compile", "with_compile", default=False, show_default=True,
               help="also time diffusers + torch.compile")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads of every engine (torch, onnxruntime, OpenVINO) [default: torch's]")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @_friendly
 def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, width: int | None,
           height: int | None, steps: int, repeat: int, backends: str, with_diffusers: bool,
-          with_compile: bool, json_path: Path | None) -> None:
+          with_compile: bool, threads: int | None, json_path: Path | None) -> None:
     """Time text encoder, UNet step (CFG batch 2), VAE decode/encode and a whole image, per path."""
     from sdexport.bench import format_table, run_bench
 
     opts = BenchOptions(model=model, artifacts=list(artifacts), device=device, half=half, width=width,
                         height=height, steps=steps, repeat=repeat,
                         backends=[b for b in backends.split(",") if b], diffusers=with_diffusers,
-                        torch_compile=with_compile)
+                        torch_compile=with_compile, threads=threads)
     result = run_bench(opts, log=lambda s: click.echo(s, err=True))
     click.echo(format_table(result))
     if json_path is not None:
