@@ -97,7 +97,7 @@ def main() -> None:
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="artifact directory")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=BUILD_DEFAULTS["format"], show_default=True)
-@click.option("--half", is_flag=True, help="fp16 weights and compute")
+@click.option("--half", is_flag=True, help="16-bit weights and compute: fp16 on cuda, bfloat16 on cpu")
 @click.option("--device", type=click.Choice(DEVICES), default=BUILD_DEFAULTS["device"], show_default=True)
 @click.option("--kernels", type=click.Choice(KERNELS), default=BUILD_DEFAULTS["kernels"], show_default=True)
 @click.option("--max-batch", type=int, default=BUILD_DEFAULTS["max_batch"], show_default=True,
@@ -385,11 +385,15 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
               help="also time diffusers + torch.compile")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads of every engine (torch, onnxruntime, OpenVINO) [default: torch's]")
+@click.option("--compare-openvino", is_flag=True,
+              help="CPU: the side-by-side UNet step / VAE decode table (eager fp32, channels_last, bf16, the "
+                   "--artifact paths, OpenVINO on the ONNX artifact; needs openvino), at 1 and all threads "
+                   "unless --threads")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @_friendly
 def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, width: int | None,
           height: int | None, steps: int, repeat: int, backends: str, with_diffusers: bool,
-          with_compile: bool, threads: int | None, json_path: Path | None) -> None:
+          with_compile: bool, threads: int | None, compare_openvino: bool, json_path: Path | None) -> None:
     """Time text encoder, UNet step (CFG batch 2), VAE decode/encode and a whole image, per path."""
     from sdexport.bench import format_table, run_bench
 
@@ -397,8 +401,17 @@ def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, widt
                         height=height, steps=steps, repeat=repeat,
                         backends=[b for b in backends.split(",") if b], diffusers=with_diffusers,
                         torch_compile=with_compile, threads=threads)
-    result = run_bench(opts, log=lambda s: click.echo(s, err=True))
-    click.echo(format_table(result))
+    if compare_openvino:
+        import os
+
+        from sdexport.bench_compare import format_compare, run_compare
+
+        counts = [threads] if threads else sorted({1, os.cpu_count() or 1})
+        result = run_compare(opts, counts, log=lambda s: click.echo(s, err=True))
+        click.echo(format_compare(result))
+    else:
+        result = run_bench(opts, log=lambda s: click.echo(s, err=True))
+        click.echo(format_table(result))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
         click.echo(f"wrote {json_path}")

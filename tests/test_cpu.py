@@ -72,3 +72,47 @@ def test_load_sets_and_records_threads(sd1_folder: Path, tmp_path: Path, keep_th
     assert torch.get_num_threads() == 1  # a refused call changes nothing
     with pytest.raises(ArtifactError):
         runtime.load(tmp_path / "missing", threads=1)
+
+
+@pytest.fixture(scope="module")
+def onnx_artifact(sd1_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdexport import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(sd1_folder)
+    return sd.export(tmp_path_factory.mktemp("cpu") / "onnx", format="onnx", kernels="native", max_batch=1,
+                     min_size=64, max_size=64, max_chunks=1)
+
+
+def test_compare_openvino_needs_openvino(monkeypatch: pytest.MonkeyPatch, sd1_folder: Path) -> None:
+    import sys
+
+    from sdexport.bench import BenchOptions
+    from sdexport.bench_compare import run_compare
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed
+    with pytest.raises(ValueError, match="pip install openvino"):
+        run_compare(BenchOptions(model=str(sd1_folder)), [1])
+
+
+def test_compare_openvino_table(sd1_folder: Path, onnx_artifact: Path, keep_threads: Any) -> None:
+    """Every row of the side-by-side table, at two thread counts; the float32 engines agree with eager."""
+    pytest.importorskip("openvino")
+    from sdexport.bench import BenchOptions
+    from sdexport.bench_compare import COMPARED, format_compare, run_compare
+
+    opts = BenchOptions(model=str(sd1_folder), artifacts=[onnx_artifact], width=64, height=64, repeat=2)
+    with pytest.raises(ValueError, match="pass a float32 one with --artifact"):
+        run_compare(BenchOptions(model=str(sd1_folder), width=64, height=64), [1])
+    result = run_compare(opts, [1, 2], log=lambda s: None)
+    assert [t["threads"] for t in result["tables"]] == [1, 2]
+    for table in result["tables"]:
+        paths = [r["path"] for r in table["rows"]]
+        assert paths[:3] == ["eager fp32", "eager fp32 channels_last", "eager bf16 channels_last"]
+        assert paths[3].startswith("onnx artifact, float32") and "f32" in paths[4] and "default" in paths[5]
+        for row in table["rows"]:
+            for comp in COMPARED:
+                assert row["ms"][comp] > 0
+                bound = 0.1 if "bf16" in row["path"] or "default" in row["path"] else 1e-4
+                assert row["max_abs_diff"][comp] <= bound, (row["path"], comp)
+    text = format_compare(result)
+    assert "threads 2:" in text and "| eager fp32 channels_last |" in text
