@@ -15,7 +15,7 @@ from torch import Tensor
 
 from runtime.adapters import AdapterError, Embedding
 from runtime.backend import ModelInfo
-from runtime.cpu import ort_session_options, use_threads
+from runtime.cpu import check_bf16, ort_session_options, use_threads
 from runtime.cudagraph import GraphedCall
 from runtime.manifest import DTYPES, TEXT_ENCODERS, ArtifactError, Manifest, read_manifest
 from runtime.pipeline import Pipeline
@@ -264,6 +264,8 @@ def load(path: str | Path, device: str | torch.device | None = None, *, cuda_gra
     m = read_manifest(root, verify=verify)
     dev = torch.device(device if device is not None else m.device)
     _check_compatible(m, dev, root)
+    if dev.type == "cpu" and "bfloat16" in (m.dtype, m.vae_dtype_name):
+        check_bf16(str(root))  # runs everywhere; warns where the CPU has no native bf16
     if m.kernels == "fused":
         from runtime import ops
 

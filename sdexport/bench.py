@@ -299,7 +299,7 @@ def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
     """Every requested path timed on the same inputs: eager kernels, artifacts, diffusers."""
     device = torch.device(opts.device)
     use_threads(opts.threads)
-    dtype_name = "float16" if opts.half else "float32"
+    dtype_name = ("float16" if device.type == "cuda" else "bfloat16") if opts.half else "float32"
     dtype = DTYPES[dtype_name]
     sd = open_model(opts.model).to(device, dtype)
     height = opts.height or _native_size(opts.model, sd.info.family)

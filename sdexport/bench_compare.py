@@ -98,7 +98,8 @@ def _openvino_calls(onnx_artifact: Path, inp: Inputs, threads: int,
     used = ""
     for comp, file in files.items():
         compiled = core.compile_model(str(onnx_artifact / file), "CPU", config)
-        used = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino Type: f32, bf16, f16
+        used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         request = compiled.create_infer_request()
         feeds = [a.numpy() for a in args[comp]]
 
@@ -176,7 +177,7 @@ def run_compare(opts: BenchOptions, thread_counts: list[int], log: Log = print) 
             del cands
     meta = _meta(opts, torch.device("cpu"), "float32", height, width)
     ov = _openvino()
-    meta.update(threads=thread_counts, cpu=cpu_caps().describe(), openvino=ov.__version__,
+    meta.update(threads=thread_counts, cpu=cpu_caps().describe(), openvino=ov.__version__.split("-")[0],
                 onnxruntime=_ort_version(), onnxruntime_threads="intra N, inter 1",
                 openvino_config="INFERENCE_NUM_THREADS N, NUM_STREAMS 1, PERFORMANCE_HINT LATENCY")
     return {"meta": meta, "tables": tables}

@@ -116,3 +116,27 @@ def test_compare_openvino_table(sd1_folder: Path, onnx_artifact: Path, keep_thre
                 assert row["max_abs_diff"][comp] <= bound, (row["path"], comp)
     text = format_compare(result)
     assert "threads 2:" in text and "| eager fp32 channels_last |" in text
+
+
+def test_bf16_artifact_on_a_cpu_without_native_bf16_runs_and_warns(sd1_folder: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`runtime.load` runs a bfloat16 artifact on any CPU (ATen converts around each op where the CPU has no
+    bf16 arithmetic): it warns that float32 is faster there, and is silent where bf16 is native."""
+    import warnings
+
+    from sdexport import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(sd1_folder)
+    art = sd.export(tmp_path / "bf16", format="pt2", half=True, kernels="native", max_batch=1, min_size=64,
+                    max_size=64, max_chunks=1)
+    native = cpu.CpuCaps(capability="AVX512", avx512=True, avx512_bf16=True, amx=False)
+    plain = cpu.CpuCaps(capability="AVX2", avx512=False, avx512_bf16=False, amx=False)
+    monkeypatch.setattr(cpu, "cpu_caps", lambda: plain)
+    with pytest.warns(RuntimeWarning, match=r"without native bf16 \(AVX2 \(no AVX512/BF16/AMX\)\)"):
+        pipe = runtime.load(art)
+    out = pipe.text2img("a fox", steps=1, height=64, width=64, seed=1, output="tensor")
+    assert isinstance(out, torch.Tensor) and torch.isfinite(out).all()
+    monkeypatch.setattr(cpu, "cpu_caps", lambda: native)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runtime.load(art).backend.dtype == torch.bfloat16
