@@ -140,3 +140,33 @@ def test_bf16_artifact_on_a_cpu_without_native_bf16_runs_and_warns(sd1_folder: P
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert runtime.load(art).backend.dtype == torch.bfloat16
+
+
+def test_bf16_artifact_refits(sd1_folder: Path, tmp_path: Path) -> None:
+    """Weights beside the program hold for bf16 CPU artifacts: `refit` swaps in another model's weights, and the
+    result matches that model in eager bfloat16."""
+    import warnings
+
+    from sdexport import StableDiffusion
+    from sdexport.export.refit import refit
+
+    base = StableDiffusion.from_pretrained(sd1_folder)
+    art = base.export(tmp_path / "bf16", format="pt2", half=True, kernels="native", max_batch=1, min_size=64,
+                      max_size=64, max_chunks=1)
+    tuned = StableDiffusion.from_pretrained(sd1_folder)
+    with torch.no_grad():
+        for p in tuned.unet.parameters():
+            p.mul_(1.1)
+    assert refit(art, tuned, tmp_path / "tuned").dtype == "bfloat16"
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def image(pipe: Any) -> torch.Tensor:
+        out = pipe.text2img("a fox", steps=2, height=64, width=64, latents=lat, output="tensor")
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no native bf16 on the test machine (checked above)
+        got, before = image(runtime.load(tmp_path / "tuned")), image(runtime.load(art))
+    assert (got - image(tuned.bfloat16())).abs().max().item() <= 1e-3
+    assert (got - before).abs().max().item() > 1e-2  # the weights really changed
