@@ -15,6 +15,7 @@ from torch import Tensor
 
 from runtime.adapters import AdapterError, Embedding
 from runtime.backend import ModelInfo
+from runtime.cpu import check_bf16, ort_session_options, use_threads
 from runtime.cudagraph import GraphedCall
 from runtime.manifest import DTYPES, TEXT_ENCODERS, ArtifactError, Manifest, read_manifest
 from runtime.pipeline import Pipeline
@@ -94,14 +95,13 @@ def _torchscript(program: Path, device: torch.device) -> Program:
     return module
 
 
-def _onnx(program: Path, device: torch.device) -> Callable[..., Output]:
+def _onnx(program: Path, device: torch.device, threads: int) -> Callable[..., Output]:
     try:
         import onnxruntime as ort
     except ImportError:
         raise ArtifactError("ONNX artifacts need onnxruntime: pip install onnxruntime") from None
     providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort_session_options(threads)
     session = ort.InferenceSession(str(program), sess_options=opts, providers=providers)
     names = [i.name for i in session.get_inputs()]
 
@@ -113,7 +113,8 @@ def _onnx(program: Path, device: torch.device) -> Callable[..., Output]:
     return run
 
 
-def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device) -> tuple[Program, Weights]:
+def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device,
+          threads: int) -> tuple[Program, Weights]:
     program = root / files["program"]
     if fmt == "pt2":
         return _pt2(program, root / files["weights"], device)
@@ -121,14 +122,16 @@ def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device) -> 
         return _aoti(program, root / files["weights"], device)
     if fmt == "torchscript":
         return _torchscript(program, device), {}
-    return _onnx(program, device), {}
+    return _onnx(program, device, threads), {}
 
 
 class ArtifactBackend:
     """A `Backend` over the compiled modules of an artifact (`runtime.manifest.modules_for` its family)."""
 
-    def __init__(self, root: Path, m: Manifest, device: torch.device, cuda_graphs: bool) -> None:
+    def __init__(self, root: Path, m: Manifest, device: torch.device, cuda_graphs: bool,
+                 threads: int | None = None) -> None:
         self.manifest = m
+        self.threads = use_threads(threads)  # every engine's intra-op threads (runtime/cpu.py)
         self.device = device
         self.dtype = DTYPES[m.dtype]
         self.vae_dtype = DTYPES[m.vae_dtype_name]  # float32 in a half build of a force_upcast model
@@ -139,7 +142,7 @@ class ArtifactBackend:
                               force_upcast=m.force_upcast, context_widths=tuple(m.context_widths))
         self.tokenizers = tuple(ClipTokenizer.from_json((root / f).read_text(encoding="utf-8"))
                                 for f in m.tokenizer_files)
-        loaded = {name: _load(m.format, root, files, device) for name, files in m.modules.items()}
+        loaded = {name: _load(m.format, root, files, device, self.threads) for name, files in m.modules.items()}
         calls = {name: program for name, (program, _) in loaded.items()}
         self._programs = calls
         self._weights = {name: w for name, (_, w) in loaded.items() if name in ADAPTER_COMPONENTS}
@@ -261,18 +264,22 @@ def _dense(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
 
 def load(path: str | Path, device: str | torch.device | None = None, *, cuda_graphs: bool = True,
          low_ram: bool = False, verify: bool = True, lora_dir: str | Path | None = None,
-         embeddings_dir: str | Path | None = None) -> Pipeline:
+         embeddings_dir: str | Path | None = None, threads: int | None = None) -> Pipeline:
     """Load an artifact built by `sdexport build` and return a pipeline with text2img/img2img/inpaint.
 
     device: defaults to the device the artifact was built for. cuda_graphs: capture the UNet step in a
     CUDA graph per input shape (CUDA only). verify: check the sha256 of every file first.
     lora_dir / embeddings_dir: where `<lora:NAME:0.8>` prompt tags and embedding names are looked up
     (runtime/adapters/session.py); `pipe.load_lora(path, scale)` swaps LoRAs in with no recompile.
+    threads: CPU threads for every engine (torch.set_num_threads, process-wide; onnxruntime's intra-op
+    pool); None keeps torch's current count and gives onnxruntime the same.
     """
     root = Path(path)
     m = read_manifest(root, verify=verify)
     dev = torch.device(device if device is not None else m.device)
     _check_compatible(m, dev, root)
+    if dev.type == "cpu" and "bfloat16" in (m.dtype, m.vae_dtype_name):
+        check_bf16(str(root))  # runs everywhere; warns where the CPU has no native bf16
     if m.kernels == "fused":
         from runtime import ops
 
@@ -281,6 +288,6 @@ def load(path: str | Path, device: str | torch.device | None = None, *, cuda_gra
         except (ImportError, OSError, RuntimeError) as e:
             raise ArtifactError(f"{root}: this artifact uses the fused ops, but the op library could not "
                                 f"be loaded: {e}") from None
-    pipe = Pipeline(ArtifactBackend(root, m, dev, cuda_graphs), low_ram=low_ram)
+    pipe = Pipeline(ArtifactBackend(root, m, dev, cuda_graphs, threads), low_ram=low_ram)
     pipe.set_adapter_dirs(lora_dir, embeddings_dir)
     return pipe

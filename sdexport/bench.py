@@ -22,6 +22,7 @@ import runtime
 from runtime import ops
 from runtime.artifact import ArtifactBackend
 from runtime.backend import Backend, ModelInfo
+from runtime.cpu import use_threads
 from runtime.manifest import DTYPES
 from runtime.pipeline import Pipeline
 from runtime.tokenizer import ClipTokenizer
@@ -47,6 +48,7 @@ class BenchOptions:
     backends: list[str] = field(default_factory=lambda: [k.value for k in Kernels])
     diffusers: bool = True
     torch_compile: bool = False
+    threads: int | None = None  # CPU threads of every engine (runtime.cpu.use_threads); None: torch's
 
 
 def _sync(device: torch.device) -> None:
@@ -263,7 +265,7 @@ def _eager_rows(sd: StableDiffusion, rows: _Rows) -> None:
 def _artifact_rows(rows: _Rows) -> None:
     for art in rows.opts.artifacts:
         t0 = time.perf_counter()
-        pipe = runtime.load(art, device=rows.opts.device)
+        pipe = runtime.load(art, device=rows.opts.device, threads=rows.opts.threads)
         assert isinstance(pipe.backend, ArtifactBackend)
         rows.log(f"loaded {art} in {time.perf_counter() - t0:.2f}s")
         rows.record(f"artifact {pipe.backend.manifest.format} ({art})", pipe.backend)
@@ -286,7 +288,8 @@ def _meta(opts: BenchOptions, device: torch.device, dtype_name: str, height: int
     return {
         "date": datetime.date.today().isoformat(),
         "model": opts.model, "device": opts.device, "device_name": device_name,
-        "threads": torch.get_num_threads(), "dtype": dtype_name,
+        "threads": torch.get_num_threads(), "onnxruntime_threads": [torch.get_num_threads(), 1],
+        "dtype": dtype_name,
         "size": f"{width}x{height}", "steps": opts.steps, "repeat": opts.repeat,
         "torch": torch.__version__, "revision": _git_revision(),
     }
@@ -295,7 +298,8 @@ def _meta(opts: BenchOptions, device: torch.device, dtype_name: str, height: int
 def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
     """Every requested path timed on the same inputs: eager kernels, artifacts, diffusers."""
     device = torch.device(opts.device)
-    dtype_name = "float16" if opts.half else "float32"
+    use_threads(opts.threads)
+    dtype_name = ("float16" if device.type == "cuda" else "bfloat16") if opts.half else "float32"
     dtype = DTYPES[dtype_name]
     sd = open_model(opts.model).to(device, dtype)
     height = opts.height or _native_size(opts.model, sd.info.family)
@@ -311,7 +315,8 @@ def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     meta = result["meta"]
     head = (f"{meta['model']} {meta['size']} {meta['dtype']} on {meta['device']} ({meta['device_name']}, "
-            f"{meta['threads']} threads), torch {meta['torch']}, rev {meta['revision']}, {meta['date']}")
+            f"{meta['threads']} threads, onnxruntime intra/inter {meta.get('onnxruntime_threads', '?')}), "
+            f"torch {meta['torch']}, rev {meta['revision']}, {meta['date']}")
     cols = [*COMPONENTS, "image"]
     lines = [head, f"{'path':<44}" + "".join(f"{c:>14}" for c in cols) + f"{'max|diff|':>12}"]
     base = result["rows"][0]["ms"] if result["rows"] else {}

@@ -97,7 +97,7 @@ def main() -> None:
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="artifact directory")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=BUILD_DEFAULTS["format"], show_default=True)
-@click.option("--half", is_flag=True, help="fp16 weights and compute")
+@click.option("--half", is_flag=True, help="16-bit weights and compute: fp16 on cuda, bfloat16 on cpu")
 @click.option("--device", type=click.Choice(DEVICES), default=BUILD_DEFAULTS["device"], show_default=True)
 @click.option("--kernels", type=click.Choice(KERNELS), default=BUILD_DEFAULTS["kernels"], show_default=True)
 @click.option("--max-batch", type=int, default=BUILD_DEFAULTS["max_batch"], show_default=True,
@@ -174,6 +174,8 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 @click.option("--device", default=None, help="cpu or cuda (default: the model's)")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="artifacts on CUDA: replay the UNet step through a CUDA graph per shape")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads of every engine (torch, onnxruntime) [default: torch's]")
 @click.option("--original-size", type=(int, int), default=None, metavar="H W",
               help="SDXL size conditioning [default: the image size]")
 @click.option("--crop", type=(int, int), default=None, metavar="TOP LEFT",
@@ -195,7 +197,7 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, width: int | None,
              height: int | None, seed: int | None, sampler: str | None, batch_size: int, strength: float | None,
              init_image: Path | None, mask: Path | None, device: str | None, cuda_graphs: bool,
-             original_size: tuple[int, int] | None, crop: tuple[int, int] | None,
+             threads: int | None, original_size: tuple[int, int] | None, crop: tuple[int, int] | None,
              target_size: tuple[int, int] | None, aesthetic_score: float | None, syntax: str, emphasis: str,
              lora_dir: Path | None, embeddings_dir: Path | None, loras: tuple[str, ...],
              embeddings: tuple[Path, ...], out: Path) -> None:
@@ -213,8 +215,11 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
     if (Path(model) / "manifest.json").is_file():
         import runtime
 
-        pipe: Any = runtime.load(model, device=device, cuda_graphs=cuda_graphs)
+        pipe: Any = runtime.load(model, device=device, cuda_graphs=cuda_graphs, threads=threads)
     else:
+        from runtime.cpu import use_threads
+
+        use_threads(threads)
         pipe = open_model(model)
         if device is not None:
             pipe.to(device)
@@ -387,20 +392,35 @@ def serve(args: tuple[str, ...]) -> None:
 @click.option("--diffusers/--no-diffusers", "with_diffusers", default=True, show_default=True)
 @click.option("--compile/--no-compile", "with_compile", default=False, show_default=True,
               help="also time diffusers + torch.compile")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads of every engine (torch, onnxruntime, OpenVINO) [default: torch's]")
+@click.option("--compare-openvino", is_flag=True,
+              help="CPU: the side-by-side UNet step / VAE decode table (eager fp32, channels_last, bf16, the "
+                   "--artifact paths, OpenVINO on the ONNX artifact; needs openvino), at 1 and all threads "
+                   "unless --threads")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @_friendly
 def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, width: int | None,
           height: int | None, steps: int, repeat: int, backends: str, with_diffusers: bool,
-          with_compile: bool, json_path: Path | None) -> None:
+          with_compile: bool, threads: int | None, compare_openvino: bool, json_path: Path | None) -> None:
     """Time text encoder, UNet step (CFG batch 2), VAE decode/encode and a whole image, per path."""
     from sdexport.bench import format_table, run_bench
 
     opts = BenchOptions(model=model, artifacts=list(artifacts), device=device, half=half, width=width,
                         height=height, steps=steps, repeat=repeat,
                         backends=[b for b in backends.split(",") if b], diffusers=with_diffusers,
-                        torch_compile=with_compile)
-    result = run_bench(opts, log=lambda s: click.echo(s, err=True))
-    click.echo(format_table(result))
+                        torch_compile=with_compile, threads=threads)
+    if compare_openvino:
+        import os
+
+        from sdexport.bench_compare import format_compare, run_compare
+
+        counts = [threads] if threads else sorted({1, os.cpu_count() or 1})
+        result = run_compare(opts, counts, log=lambda s: click.echo(s, err=True))
+        click.echo(format_compare(result))
+    else:
+        result = run_bench(opts, log=lambda s: click.echo(s, err=True))
+        click.echo(format_table(result))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2), encoding="utf-8")
         click.echo(f"wrote {json_path}")

@@ -286,17 +286,29 @@ def test_killed_build_leaves_no_artifact(sd1_folder: Path, tmp_path: Path) -> No
     assert (out / "manifest.json").exists() and not list(tmp_path.glob(".killed.tmp-*"))
 
 
-def test_half_artifact_is_within_fp16_tolerance_of_fp32(sd1_folder: Path, tmp_path: Path) -> None:
-    """--half (fp16 weights and compute), checked on the CPU here; the GPU run is in scripts/gpu_check.sh."""
+def test_half_cpu_artifact_is_bfloat16_within_tolerance_of_fp32(sd1_folder: Path, tmp_path: Path) -> None:
+    """--half on the CPU means bfloat16 (fp16 is slow there); the manifest records it. Tolerance 5e-2 on
+    [0, 1] images: bf16 keeps 8 significant bits (relative rounding 2^-9 per op), which over the ~40 layers of
+    3 steps gave 2.3e-2 here; 5e-2 is also the error of OpenVINO's own bf16 path on the UNet step (issue 15).
+    The artifact must match eager bfloat16 with the same kernels to 1e-3. GPU fp16: scripts/gpu_check.sh."""
+    import warnings
+
     sd = StableDiffusion.from_pretrained(sd1_folder)
     lat = _jobs()["lat1"]
     ref = sd.text2img("a (red):1.3 fox", steps=3, height=64, width=64, latents=lat, output="tensor")
     art = sd.export(tmp_path / "half", format="pt2", half=True, kernels=_kernels(), **OPTIONS)
-    pipe = runtime.load(art)
-    assert pipe.backend.dtype == torch.float16
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and manifest["vae_dtype"] == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no native bf16 on this CPU: tests/test_cpu.py checks the warning
+        pipe = runtime.load(art)
+    assert pipe.backend.dtype == torch.bfloat16
     out = pipe.text2img("a (red):1.3 fox", steps=3, height=64, width=64, latents=lat, output="tensor")
-    assert isinstance(out, torch.Tensor) and torch.isfinite(out).all()
-    assert (out - ref).abs().max().item() <= 2e-2
+    eager_bf16 = sd.bfloat16().attention_backend(_kernels()).text2img("a (red):1.3 fox", steps=3, height=64,
+                                                                      width=64, latents=lat, output="tensor")
+    assert isinstance(out, torch.Tensor) and torch.isfinite(out).all() and isinstance(ref, torch.Tensor)
+    assert (out - ref).abs().max().item() <= 5e-2
+    assert (out - eager_bf16).abs().max().item() <= TOL
 
 
 def _call_sites(sd: StableDiffusion) -> list[tuple[str, Any, int]]:
@@ -314,7 +326,8 @@ def test_export_leaves_the_model_unchanged(sd1_folder: Path, tmp_path: Path) -> 
     state = {f"{i}.{k}": v.clone() for i, m in enumerate(sd.modules()) for k, v in m.state_dict().items()}
     sd.export(tmp_path / "half", format="pt2", half=True, kernels=_kernels(), **OPTIONS)
     assert sd.backend.dtype == torch.float32 and sd.backend.device == torch.device("cpu")
-    assert all(t.dtype != torch.float16 for m in sd.modules() for t in (*m.parameters(), *m.buffers()))
+    assert all(t.dtype not in (torch.float16, torch.bfloat16) for m in sd.modules()
+               for t in (*m.parameters(), *m.buffers()))
     assert _call_sites(sd) == sites and sites
     after = {f"{i}.{k}": v for i, m in enumerate(sd.modules()) for k, v in m.state_dict().items()}
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())

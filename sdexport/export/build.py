@@ -128,7 +128,7 @@ def write_manifest(root: Path, manifest: Manifest) -> Manifest:
 @dataclass(frozen=True)
 class BuildOptions:
     format: str = "aoti"
-    half: bool = False
+    half: bool = False  # 16-bit weights and compute: float16 on CUDA, bfloat16 on the CPU (fp16 is slow there)
     device: str = "cpu"
     kernels: str = "fused"  # "fused": our custom ops as graph nodes; "native": plain torch ops
     max_batch: int = 4  # images per call (the UNet serves twice this for CFG)
@@ -165,7 +165,9 @@ class BuildOptions:
 
     @property
     def dtype_name(self) -> str:
-        return "float16" if self.half else "float32"
+        if not self.half:
+            return "float32"
+        return "bfloat16" if self.device == "cpu" else "float16"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -223,8 +225,9 @@ def export_modules(sd: Exportable, tokens: bool = True) -> dict[str, nn.Module]:
 
 
 def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
-    """The VAE's dtype in a build of `dtype`: float32 where the VAE overflows in half precision."""
-    return torch.float32 if info.force_upcast else dtype
+    """The VAE's dtype in a build of `dtype`: float32 where the VAE overflows in float16 (bfloat16 has
+    float32's range)."""
+    return torch.float32 if info.force_upcast and dtype == torch.float16 else dtype
 
 
 def _modules(sd: Exportable, spec: ShapeSpec, dtype: torch.dtype,
