@@ -59,7 +59,7 @@ def main() -> None:
                                              spec.text_encoder(torch.device("cpu"), width))):
                 t0 = time.perf_counter()
                 files = formats.write(fmt, f"{form}", module.eval(), ex, dyn, Path(tmp))
-                program, _ = _load(fmt, Path(tmp), files, torch.device("cpu"))
+                program, _ = _load(fmt, Path(tmp), files, torch.device("cpu"), torch.get_num_threads())
                 print(f"{fmt} {form}: built in {time.perf_counter() - t0:.1f} s", flush=True)
                 calls[form] = _call(program, form, ids, table)
                 outs[form] = calls[form]()

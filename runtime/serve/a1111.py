@@ -195,7 +195,7 @@ def _prompt(req: _Request, ctx: Context) -> str:
         raise RequestError("prompt", str(e)) from None
     if tags and ctx.settings.lora_dir is None:
         raise RequestError("prompt", "has <lora:...> tags, but this server was started without --lora-dir")
-    for name, _ in tags:  # parse_tags refused paths: NAME is a file stem directly inside lora_dir
+    for name, *_ in tags:  # parse_tags refused paths: NAME is a file stem directly inside lora_dir
         assert ctx.settings.lora_dir is not None
         if not any((ctx.settings.lora_dir / f"{name}{s}").is_file() for s in LORA_SUFFIXES):
             raise RequestError("prompt", f"no LoRA named {name!r} on this server (see /sdapi/v1/loras)")
