@@ -26,8 +26,6 @@ from sdexport.export.modules import (
     ShapeSpec,
     TextEncode,
     TextEncodePooled,
-    UNetStep,
-    UNetStepXL,
     VAEDecode,
     VAEMoments,
     XLInputs,
@@ -209,7 +207,9 @@ def export_modules(sd: Exportable) -> dict[str, nn.Module]:
     if len(sd.tokenizers) != len(TEXT_ENCODERS[family]):
         raise ValueError(f"a {family} model has {len(TEXT_ENCODERS[family])} text encoders, "
                          f"but {len(sd.tokenizers)} tokenizers were given")
-    modules["unet"] = UNetStepXL(sd.unet) if xl_inputs(sd) is not None else UNetStep(sd.unet)
+    from sdexport.export.control import ControlUNetStep, ControlUNetStepXL  # the step takes ControlNet residuals
+
+    modules["unet"] = ControlUNetStepXL(sd.unet) if xl_inputs(sd) is not None else ControlUNetStep(sd.unet)
     modules["vae_decoder"] = VAEDecode(sd.vae)
     modules["vae_encoder"] = VAEMoments(sd.vae)
     return modules
@@ -222,12 +222,13 @@ def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
 
 def _modules(sd: Exportable, spec: ShapeSpec, dtype: torch.dtype,
              device: torch.device) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], Any]]:
-    unet_cfg = sd.unet.config
+    from sdexport.export.control import control_unet_example
+
     vae_dt = vae_dtype(sd.info, dtype)
     examples = {
         "text_encoder": spec.text_encoder(device),
         "text_encoder_2": spec.text_encoder(device),
-        "unet": spec.unet(unet_cfg.in_channels, unet_cfg.cross_attention_dim, dtype, device, xl_inputs(sd)),
+        "unet": control_unet_example(sd.unet, spec, dtype, device, xl_inputs(sd)),
         "vae_decoder": spec.vae_decoder(sd.vae.config.latent_channels, vae_dt, device),
         "vae_encoder": spec.vae_encoder(vae_dt, device),
     }
@@ -305,7 +306,8 @@ def model_fields(sd: Exportable) -> dict[str, Any]:
                 scheduler_config=dict(info.scheduler_config), model_name=info.name, model_hash=info.hash,
                 time_ids=info.time_ids, pooled_dim=0 if xl is None else xl.pooled_dim,
                 force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
-                force_upcast=info.force_upcast, context_widths=list(info.context_widths))
+                force_upcast=info.force_upcast, context_widths=list(info.context_widths),
+                control_residuals=[list(r) for r in sd.unet.config.residuals])
 
 
 def _manifest(sd: Exportable, opts: BuildOptions, spec: ShapeSpec, entries: dict[str, dict[str, str]],
