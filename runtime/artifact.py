@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -20,8 +20,16 @@ from runtime.manifest import DTYPES, TEXT_ENCODERS, ArtifactError, Manifest, rea
 from runtime.pipeline import Pipeline
 from runtime.tokenizer import ClipTokenizer
 
-if TYPE_CHECKING:
-    from runtime.control_artifact import ControlManifest
+
+class Built(Protocol):
+    """What `_check_compatible` reads of a manifest (a model's or a ControlNet's)."""
+
+    @property
+    def format(self) -> str: ...
+    @property
+    def torch_version(self) -> str: ...
+    @property
+    def device(self) -> str: ...
 
 Output = Tensor | tuple[Tensor, ...]  # text_encoder_2 returns (context, pooled)
 Program = Callable[..., Any]  # a loaded program, any format
@@ -35,7 +43,7 @@ def _version(v: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _check_compatible(m: Manifest | ControlManifest, device: torch.device, root: Path) -> None:
+def _check_compatible(m: Built, device: torch.device, root: Path) -> None:
     here, built = _version(torch.__version__), _version(m.torch_version)
     if m.format == "aoti" and here != built:
         raise ArtifactError(f"{root}: AOTInductor artifacts run only on the torch they were built with "

@@ -67,3 +67,27 @@ def reference_pipeline(folder: Path, controlnets: list[Path], kind: str = "text2
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def controlnet_ldm_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel state dict in lllyasviel's ``control_model.*`` layout (the cldm
+    ``ControlNet``), by this helper's own rules: the UNet input half as tests/ldm_writer.py writes it,
+    ``input_hint_block`` convs at 0, 2, 4, ..., ``zero_convs.{k}.0`` and ``middle_block_out.0``."""
+    from ldm_writer import _unet_to_ldm
+
+    encoder = {k: v for k, v in sd.items() if not k.startswith("controlnet_")}
+    out = {"control_model." + k[len("model.diffusion_model."):]: v for k, v in _unet_to_ldm(encoder).items()}
+    blocks = len({k.split(".")[2] for k in sd if k.startswith("controlnet_cond_embedding.blocks.")})
+    for k, v in sd.items():
+        parts = k.split(".")
+        if k.startswith("controlnet_cond_embedding.conv_in."):
+            out[f"control_model.input_hint_block.0.{parts[-1]}"] = v
+        elif k.startswith("controlnet_cond_embedding.blocks."):
+            out[f"control_model.input_hint_block.{2 * int(parts[2]) + 2}.{parts[-1]}"] = v
+        elif k.startswith("controlnet_cond_embedding.conv_out."):
+            out[f"control_model.input_hint_block.{2 * blocks + 2}.{parts[-1]}"] = v
+        elif k.startswith("controlnet_down_blocks."):
+            out[f"control_model.zero_convs.{parts[1]}.0.{parts[-1]}"] = v
+        elif k.startswith("controlnet_mid_block."):
+            out[f"control_model.middle_block_out.0.{parts[-1]}"] = v
+    return out

@@ -21,6 +21,7 @@ from runtime.backend import ModelInfo
 from runtime.manifest import DTYPES, FORMATS, MANIFEST, TEXT_ENCODERS, Manifest, ShapeRange, hash_tree
 from runtime.tokenizer import ClipTokenizer
 from sdexport.export import formats
+from sdexport.export.control_unet import ControlUNetStep, ControlUNetStepXL, control_unet_example
 from sdexport.export.modules import (
     SIZE_STEP,
     ShapeSpec,
@@ -207,8 +208,6 @@ def export_modules(sd: Exportable) -> dict[str, nn.Module]:
     if len(sd.tokenizers) != len(TEXT_ENCODERS[family]):
         raise ValueError(f"a {family} model has {len(TEXT_ENCODERS[family])} text encoders, "
                          f"but {len(sd.tokenizers)} tokenizers were given")
-    from sdexport.export.control import ControlUNetStep, ControlUNetStepXL  # the step takes ControlNet residuals
-
     modules["unet"] = ControlUNetStepXL(sd.unet) if xl_inputs(sd) is not None else ControlUNetStep(sd.unet)
     modules["vae_decoder"] = VAEDecode(sd.vae)
     modules["vae_encoder"] = VAEMoments(sd.vae)
@@ -222,8 +221,6 @@ def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
 
 def _modules(sd: Exportable, spec: ShapeSpec, dtype: torch.dtype,
              device: torch.device) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], Any]]:
-    from sdexport.export.control import control_unet_example
-
     vae_dt = vae_dtype(sd.info, dtype)
     examples = {
         "text_encoder": spec.text_encoder(device),

@@ -221,12 +221,21 @@ def is_controlnet(path: str | Path) -> bool:
             return config.is_file() and read_json(config).get("_class_name") == "ControlNetModel"
         except CheckpointError:
             return False
+    marks = (CONTROL_PREFIX + "input_hint_block", "input_hint_block")
+    if p.suffix.lower() in TORCH_SUFFIXES and p.is_file():
+        try:  # memory-mapped: the key names without reading the tensors
+            obj = torch.load(str(p), map_location="cpu", mmap=True, weights_only=True)
+        except Exception:
+            return False
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        return isinstance(obj, dict) and any(isinstance(k, str) and k.startswith(marks) for k in obj)
     if p.suffix.lower() == ".safetensors" and p.is_file():
         from safetensors import safe_open
 
         try:
             with safe_open(str(p), framework="pt") as f:
-                return any(k.startswith((CONTROL_PREFIX + "input_hint_block", "input_hint_block")) for k in f.keys())  # noqa: SIM118
+                return any(k.startswith(marks) for k in f.keys())  # noqa: SIM118
         except Exception:
             return False
     return False
