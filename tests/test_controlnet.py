@@ -256,3 +256,21 @@ def test_bad_requests(sd1: StableDiffusion, cns: list[ControlNet], model_root: P
         sd1.text2img("a", control=cns[0], control_image=img, control_start=0.6, control_end=0.5, **kw)
     with pytest.raises(ValueError, match="not a ControlNet"):
         sd1.text2img("a", control="canny", control_image=img, **kw)  # type: ignore[arg-type]
+
+
+# ---- Canny preprocessor -----------------------------------------------------------------------------------
+def test_canny_is_opencv_with_reference_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    cv2 = pytest.importorskip("cv2")
+    from runtime.canny import canny
+
+    img = _pil(8, (96, 64))
+    edges = canny(img)
+    want = cv2.Canny(np.asarray(img), 100, 200)
+    got = np.asarray(edges)
+    assert edges.size == img.size and got.shape == (64, 96, 3) and want.any()
+    assert all(np.array_equal(got[..., c], want) for c in range(3))
+    with pytest.raises(ValueError, match="low <= high"):
+        canny(img, 200, 100)
+    monkeypatch.setitem(__import__("sys").modules, "cv2", None)
+    with pytest.raises(ImportError, match=r"sdexport\[canny\]"):
+        canny(img)
