@@ -86,6 +86,8 @@ class Pipeline(AdapterMixin):
     `scheduler` None: the model's default (SDXL: euler; SD 1.x/2.x: ddim).
     LoRAs and embeddings (`load_lora`, `unload_loras`, `loras`, `load_embedding`, `set_adapter_dirs`,
     `<lora:NAME:SCALE>` prompt tags; a batch must carry one tag set): runtime/adapters/session.py.
+    ControlNet (`control`, `control_image`, `control_scale`, `control_start`, `control_end`, `guess_mode`;
+    eager `sdexport.ControlNet` or `runtime.load_control`): runtime/control.py.
     """
 
     def __init__(self, backend: Backend, low_ram: bool = False) -> None:

@@ -21,6 +21,7 @@ from test_pipeline import _diffusers_scheduler
 
 from sdexport import ControlNet, StableDiffusion
 from sdexport.loading import CheckpointError
+from sdexport.loading.controlnet import is_controlnet
 
 TOL = 1e-3
 H = W = 64
@@ -209,6 +210,8 @@ def test_single_file_matches_folder(tmp_path: Path, cn_folders: list[Path], cns:
         torch.save(state, path)
     else:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert is_controlnet(path) and is_controlnet(cn_folders[0])  # what `sdexport build` recognises
+    assert not is_controlnet(cn_folders[0].parent / "sd1") and not is_controlnet(cn_folders[0] / "config.json")
     loaded = ControlNet.from_pretrained(path, config={"attention_head_dim": 2, "norm_num_groups": 8})
     assert loaded.info == cns[0].info.__class__(**{**cns[0].info.__dict__, "name": path.stem})
     for a, b in zip(_residuals(loaded), _residuals(cns[0]), strict=True):
