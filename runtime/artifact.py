@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -22,6 +22,17 @@ from runtime.pipeline import Pipeline
 from runtime.token_tables import TokenTables
 from runtime.tokenizer import ClipTokenizer
 
+
+class Built(Protocol):
+    """What `_check_compatible` reads of a manifest (a model's or a ControlNet's)."""
+
+    @property
+    def format(self) -> str: ...
+    @property
+    def torch_version(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+
 Output = Tensor | tuple[Tensor, ...]  # text_encoder_2 returns (context, pooled)
 Program = Callable[..., Any]  # a loaded program, any format
 Call = Callable[..., Tensor]
@@ -34,7 +45,7 @@ def _version(v: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _check_compatible(m: Manifest, device: torch.device, root: Path) -> None:
+def _check_compatible(m: Built, device: torch.device, root: Path) -> None:
     here, built = _version(torch.__version__), _version(m.torch_version)
     if m.format == "aoti" and here != built:
         raise ArtifactError(f"{root}: AOTInductor artifacts run only on the torch they were built with "
@@ -139,7 +150,9 @@ class ArtifactBackend:
                               latent_channels=m.latent_channels, scaling_factor=m.scaling_factor,
                               scheduler_config=m.scheduler_config, name=m.model_name, hash=m.model_hash,
                               time_ids=m.time_ids, force_zeros_for_empty_prompt=m.force_zeros_for_empty_prompt,
-                              force_upcast=m.force_upcast, context_widths=tuple(m.context_widths))
+                              force_upcast=m.force_upcast, context_widths=tuple(m.context_widths),
+                              context_dim=m.context_dim,
+                              control_residuals=tuple((int(c), int(f)) for c, f in m.control_residuals))
         self.tokenizers = tuple(ClipTokenizer.from_json((root / f).read_text(encoding="utf-8"))
                                 for f in m.tokenizer_files)
         loaded = {name: _load(m.format, root, files, device, self.threads) for name, files in m.modules.items()}
@@ -153,10 +166,11 @@ class ArtifactBackend:
                                    device)  # empty for artifacts whose encoders take ids (format 1)
         self._decode: Call = calls["vae_decoder"]
         self._encode: Call = calls["vae_encoder"]
-        unet: Call = calls["unet"]
+        unet: Call = _flat_control(calls["unet"], m)
         # onnxruntime runs outside torch's stream, so only torch formats can be captured
         graphed = cuda_graphs and device.type == "cuda" and m.format != "onnx"
         self._unet: Call = GraphedCall(unet) if graphed else unet
+        self._no_control: dict[tuple[int, ...], tuple[Tensor, ...]] = {}  # zero residuals per latent shape
 
     def check_shape(self, batch: int, height: int, width: int) -> None:
         self.manifest.shapes.check(batch, height, width)
@@ -191,9 +205,30 @@ class ArtifactBackend:
             contexts.append(context)
         return (contexts[0] if len(contexts) == 1 else torch.cat(contexts, dim=-1)), pooled
 
+    def _control(self, x: Tensor, control: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+        """The residual inputs of the UNet program: `control`, checked, or zeros (no ControlNet)."""
+        layout = self.info.control_residuals
+        if not layout:
+            if control is not None:
+                raise ValueError("this artifact's UNet takes no ControlNet residuals (built before ControlNet "
+                                 "support): rebuild it with `sdexport build` to use ControlNet")
+            return ()
+        b, _, h, w = x.shape
+        shapes = [(b, c, h // f, w // f) for c, f in layout]
+        if control is None:
+            key = (b, h, w)
+            if key not in self._no_control:
+                self._no_control = {key: tuple(torch.zeros(s, dtype=self.dtype, device=self.device) for s in shapes)}
+            return self._no_control[key]
+        got = [tuple(r.shape) for r in control]
+        if got != shapes:
+            raise ValueError(f"ControlNet residuals {got} do not fit this UNet's {shapes}")
+        return _dense(self.dtype, *control)
+
     def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
-             time_ids: Tensor | None = None) -> Tensor:
+             time_ids: Tensor | None = None, control: Sequence[Tensor] | None = None) -> Tensor:
         m = self.manifest
+        residuals = self._control(x, control)
         chunks = m.shapes.max_chunks
         if context.shape[1] > 77 * chunks:
             raise ValueError(f"prompt too long for this artifact: {context.shape[1] // 77} chunks of 75 tokens, "
@@ -205,14 +240,14 @@ class ArtifactBackend:
         if not m.time_ids:
             if text_embeds is not None or time_ids is not None:
                 raise ValueError(f"this artifact's UNet ({m.family}) takes no text_embeds / time_ids (SDXL only)")
-            return self._unet(*args)
+            return self._unet(*args, *residuals)
         if text_embeds is None or time_ids is None:
             raise ValueError(f"this artifact's UNet ({m.family}) needs text_embeds and time_ids")
         b = x.shape[0]
         if tuple(text_embeds.shape) != (b, m.pooled_dim) or tuple(time_ids.shape) != (b, m.time_ids):
             raise ValueError(f"text_embeds must be ({b}, {m.pooled_dim}) and time_ids ({b}, {m.time_ids}), got "
                              f"{tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
-        return self._unet(*args, *_dense(self.dtype, text_embeds), *_dense(torch.float32, time_ids))
+        return self._unet(*args, *_dense(self.dtype, text_embeds), *_dense(torch.float32, time_ids), *residuals)
 
     def decode(self, z: Tensor) -> Tensor:
         return self._decode(*_dense(self.vae_dtype, z)).float()
@@ -254,6 +289,20 @@ class ArtifactBackend:
 
     def encode(self, image: Tensor) -> Tensor:
         return self._encode(*_dense(self.vae_dtype, image)).float()
+
+
+def _flat_control(program: Program, m: Manifest) -> Call:
+    """The UNet program as a function of flat tensors: torch formats take the residuals as one tuple
+    (the last input), ONNX as separate inputs (sdexport/export/control.py)."""
+    if not m.control_residuals or m.format == "onnx":
+        return program
+    k = len(m.control_residuals)
+
+    def call(*args: Tensor) -> Tensor:
+        out: Tensor = program(*args[:-k], tuple(args[-k:]))
+        return out
+
+    return call
 
 
 def _dense(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:

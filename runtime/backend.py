@@ -32,6 +32,9 @@ class ModelInfo:
     force_zeros_for_empty_prompt: bool = False  # an empty negative prompt -> zero context and pooled
     force_upcast: bool = False  # the VAE runs in float32 when the model is float16 (the SDXL VAE overflows)
     context_widths: tuple[int, ...] = ()  # each text encoder's share of the context (SDXL base: 2); () = one
+    context_dim: int = 0  # the UNet's context width
+    # (channels, downscale) of each ControlNet residual the UNet takes (runtime/control.py); () = none
+    control_residuals: tuple[tuple[int, int], ...] = ()
 
 
 class Backend(Protocol):
@@ -58,9 +61,11 @@ class Backend(Protocol):
         ...
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
-             time_ids: Tensor | None = None) -> Tensor:
+             time_ids: Tensor | None = None, control: Sequence[Tensor] | None = None) -> Tensor:
         """(B, Cin, h, w) latents, 0-d timestep, (B, L, D) context, (B, L) token weights, and for SDXL
-        (B, P) pooled text embeddings and (B, info.time_ids) float32 time ids -> (B, 4, h, w)."""
+        (B, P) pooled text embeddings and (B, info.time_ids) float32 time ids -> (B, 4, h, w).
+        `control`: ControlNet residuals in `dtype`, one (B, C, h/f, w/f) per `info.control_residuals`
+        entry, added to the UNet's skips and mid block (None: no ControlNet)."""
         ...
 
     def decode(self, z: Tensor) -> Tensor:

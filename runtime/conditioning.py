@@ -119,8 +119,11 @@ class TextConditioning:
                                 None if self.text_embeds is None else self.text_embeds[s],
                                 None if self.time_ids is None else self.time_ids[s])
 
-    def unet(self, backend: Backend, x: Tensor, t: Tensor) -> Tensor:
-        """One UNet call on these rows (the added conditioning only where the model takes it)."""
+    def unet(self, backend: Backend, x: Tensor, t: Tensor, control: Sequence[Tensor] | None = None) -> Tensor:
+        """One UNet call on these rows (the added conditioning only where the model takes it; ControlNet
+        residuals only when given)."""
+        if control is not None:
+            return backend.unet(x, t, self.context, self.weights, self.text_embeds, self.time_ids, control=control)
         if self.text_embeds is None and self.time_ids is None:
             return backend.unet(x, t, self.context, self.weights)
         return backend.unet(x, t, self.context, self.weights, self.text_embeds, self.time_ids)

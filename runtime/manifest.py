@@ -91,6 +91,8 @@ class Manifest:
     force_upcast: bool = False  # the VAE programs stay float32 in a half-precision build
     vae_dtype: str = ""  # a key of DTYPES; "" (older artifacts): `dtype`
     context_widths: list[int] = field(default_factory=list)  # per text encoder when several (SDXL base)
+    # (channels, downscale) of each ControlNet residual the UNet program takes; [] = built before ControlNet
+    control_residuals: list[list[int]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     format_version: int = FORMAT_VERSION
 
@@ -121,6 +123,9 @@ class Manifest:
             raise ArtifactError(f"{where}: manifest.json is not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise ArtifactError(f"{where}: manifest.json must hold a JSON object")
+        if d.get("kind") == "controlnet":
+            raise ArtifactError(f"{where}: a ControlNet artifact: load it with runtime.load_control and pass it "
+                                "as control= to a model's text2img / img2img / inpaint")
         version = d.get("format_version")
         if version not in READ_VERSIONS:
             raise ArtifactError(f"{where}: artifact format version {version!r} is not supported by this "

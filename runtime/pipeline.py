@@ -21,7 +21,8 @@ from torch import Tensor
 
 from runtime.adapters.session import Active, AdapterMixin
 from runtime.backend import Backend
-from runtime.conditioning import Size, SizeConditioning, default_scheduler, time_id_rows
+from runtime.conditioning import Size, SizeConditioning, TextConditioning, default_scheduler, time_id_rows
+from runtime.control import ControlArgs, ControlModel, ControlRequest, Rows
 from runtime.inputs import ImageInput, batch_from, prompt_lists, repeat, seeds, to_image_tensor, to_mask_tensor
 from runtime.png import Parameters, format_parameters
 from runtime.prompt import Emphasis, Syntax
@@ -85,6 +86,8 @@ class Pipeline(AdapterMixin):
     `scheduler` None: the model's default (SDXL: euler; SD 1.x/2.x: ddim).
     LoRAs and embeddings (`load_lora`, `unload_loras`, `loras`, `load_embedding`, `set_adapter_dirs`,
     `<lora:NAME:SCALE>` prompt tags; a batch must carry one tag set): runtime/adapters/session.py.
+    ControlNet (`control`, `control_image`, `control_scale`, `control_start`, `control_end`, `guess_mode`;
+    eager `sdexport.ControlNet` or `runtime.load_control`): runtime/control.py.
     """
 
     def __init__(self, backend: Backend, low_ram: bool = False) -> None:
@@ -119,13 +122,20 @@ class Pipeline(AdapterMixin):
         negative_aesthetic_score: float | None = None,
         syntax: Syntax = "sdfused",
         emphasis: Emphasis = "attention",
+        control: ControlModel | Sequence[ControlModel] | None = None,
+        control_image: ImageInput | Sequence[ImageInput] | None = None,
+        control_scale: float | Sequence[float] = 1.0,
+        control_start: float | Sequence[float] = 0.0,
+        control_end: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
     ) -> list[Image.Image] | Tensor:
+        ctl = ControlArgs(control, control_image, control_scale, control_start, control_end, guess_mode)
         size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                 negative_crops_coords_top_left, negative_target_size, aesthetic_score,
                                 negative_aesthetic_score)
         job = self._job(prompt, negative_prompt, steps, scale, height, width, seed, scheduler, eta,
                         batch_size, 1.0, size, _Prompts(syntax, emphasis), text2img=True)
-        return self._generate(job, None, None, latents, output, progress)
+        return self._generate(job, None, None, latents, output, progress, ctl)
 
     def img2img(
         self,
@@ -152,7 +162,14 @@ class Pipeline(AdapterMixin):
         negative_aesthetic_score: float | None = None,
         syntax: Syntax = "sdfused",
         emphasis: Emphasis = "attention",
+        control: ControlModel | Sequence[ControlModel] | None = None,
+        control_image: ImageInput | Sequence[ImageInput] | None = None,
+        control_scale: float | Sequence[float] = 1.0,
+        control_start: float | Sequence[float] = 0.0,
+        control_end: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
     ) -> list[Image.Image] | Tensor:
+        ctl = ControlArgs(control, control_image, control_scale, control_start, control_end, guess_mode)
         size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                 negative_crops_coords_top_left, negative_target_size, aesthetic_score,
                                 negative_aesthetic_score)
@@ -160,7 +177,7 @@ class Pipeline(AdapterMixin):
         batch_size = batch_from(img, batch_size)
         job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
                         scheduler, eta, batch_size, strength, size, _Prompts(syntax, emphasis), text2img=False)
-        return self._generate(job, repeat(img, batch_size), None, None, output, progress)
+        return self._generate(job, repeat(img, batch_size), None, None, output, progress, ctl)
 
     def inpaint(
         self,
@@ -189,7 +206,14 @@ class Pipeline(AdapterMixin):
         negative_aesthetic_score: float | None = None,
         syntax: Syntax = "sdfused",
         emphasis: Emphasis = "attention",
+        control: ControlModel | Sequence[ControlModel] | None = None,
+        control_image: ImageInput | Sequence[ImageInput] | None = None,
+        control_scale: float | Sequence[float] = 1.0,
+        control_start: float | Sequence[float] = 0.0,
+        control_end: float | Sequence[float] = 1.0,
+        guess_mode: bool = False,
     ) -> list[Image.Image] | Tensor:
+        ctl = ControlArgs(control, control_image, control_scale, control_start, control_end, guess_mode)
         size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                 negative_crops_coords_top_left, negative_target_size, aesthetic_score,
                                 negative_aesthetic_score)
@@ -202,7 +226,7 @@ class Pipeline(AdapterMixin):
         job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
                         scheduler, eta, batch_size, strength, size, _Prompts(syntax, emphasis), text2img=False)
         return self._generate(job, repeat(img, batch_size), repeat(msk, batch_size), latents, output,
-                              progress)
+                              progress, ctl)
 
     # ---- validation -------------------------------------------------------------------------
     def _job(self, prompt: str | Sequence[str], negative: str | Sequence[str], steps: int,
@@ -235,11 +259,16 @@ class Pipeline(AdapterMixin):
 
     # ---- the loop ---------------------------------------------------------------------------
     def _generate(self, job: _Job, image: Tensor | None, mask: Tensor | None, latents: Tensor | None,
-                  output: Output, progress: StepCallback | None) -> list[Image.Image] | Tensor:
+                  output: Output, progress: StepCallback | None,
+                  ctl: ControlArgs | None = None) -> list[Image.Image] | Tensor:
         if output not in ("pil", "tensor"):
             raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
         guided = job.scale[0] > 1.0  # as diffusers: guidance off for scale <= 1 (_scales: all one side)
         shape = self._check_request(job, mask, latents, guided)
+        control = None if ctl is None else ctl.request(self.backend.info, shape[0], job.height, job.width)
+        if control is not None:
+            batched = guided and not self.sequential_cfg and not control.guess_mode
+            control.check_rows(2 * shape[0] if batched else shape[0], job.height, job.width)
         self._use_tags(job.loras)
         schedule = make_schedule(job.scheduler, SchedulerConfig.from_dict(self.backend.info.scheduler_config),
                                  job.steps, job.strength)
@@ -248,7 +277,7 @@ class Pipeline(AdapterMixin):
         noise, cond = self._draw_latents(job, image, mask, latents, gens, shape)
         x = initial_latents(schedule, noise, cond.start)
         scale = _guidance(job, self.backend.device) if guided else None
-        model = self._guided_model(scale, cursor, cond.unet_extra)
+        model = self._guided_model(scale, cursor, cond.unet_extra, control, schedule.num_steps)
         blend = None if cond.blend is None else _inpaint_blend(schedule, cond.blend, noise)
         callback = _step_callback(schedule.num_steps, progress, blend, cursor)
 
@@ -298,26 +327,36 @@ class Pipeline(AdapterMixin):
         masked_latents = self._encode_image(masked, gens) * info.scaling_factor
         return noise, _Conditioning(start, unet_extra=torch.cat([latent_mask, masked_latents], dim=1))
 
-    def _guided_model(self, scale: float | Tensor | None, cursor: StepCursor, extra: Tensor | None) -> ModelFn:
+    def _guided_model(self, scale: float | Tensor | None, cursor: StepCursor, extra: Tensor | None,
+                      control: ControlRequest | None = None, calls: int = 0) -> ModelFn:
         """The UNet as the sampler calls it, on the cursor's current text: extra input channels appended,
-        classifier-free guidance (Ho & Salimans 2022) ``uncond + scale (cond - uncond)`` unless ``scale``
-        is None (a tensor: one scale per image)."""
+        ControlNet residuals added (runtime/control.py; `calls` model calls in all), classifier-free
+        guidance (Ho & Salimans 2022) ``uncond + scale (cond - uncond)`` unless ``scale`` is None (a
+        tensor: one scale per image)."""
         be = self.backend
         n = cursor.current.context.shape[0] // (1 if scale is None else 2)
+        done = [0]  # model calls so far
+
+        def unet(text: TextConditioning, x: Tensor, t: Tensor, rows: Rows) -> Tensor:
+            res = None if control is None else control.residuals(done[0], calls, x, t, text, rows, be.dtype)
+            x_in = x if extra is None else torch.cat([x, torch.cat([extra] * (x.shape[0] // n)).to(x.dtype)], dim=1)
+            return text.unet(be, x_in, t, res).float()
 
         def model(x: Tensor, t: Tensor) -> Tensor:
             text = cursor.current
-            x_in = x if extra is None else torch.cat([x, extra], dim=1)
             t = t.to(be.device)
-            x_in = x_in.to(be.dtype)
-            if scale is None:
-                return text.unet(be, x_in, t).float()
-            if self.sequential_cfg:
-                uncond = text.rows(slice(None, n)).unet(be, x_in, t).float()
-                cond = text.rows(slice(n, None)).unet(be, x_in, t).float()
-            else:
-                uncond, cond = text.unet(be, torch.cat([x_in, x_in]), t).float().chunk(2)
-            return uncond + scale * (cond - uncond)
+            x = x.to(be.dtype)
+            try:
+                if scale is None:
+                    return unet(text, x, t, "all")
+                if self.sequential_cfg:
+                    uncond = unet(text.rows(slice(None, n)), x, t, "uncond")
+                    cond = unet(text.rows(slice(n, None)), x, t, "cond")
+                else:
+                    uncond, cond = unet(text, torch.cat([x, x]), t, "batched").chunk(2)
+                return uncond + scale * (cond - uncond)
+            finally:
+                done[0] += 1
 
         return model
 

@@ -1,5 +1,6 @@
 """sdexport: Stable Diffusion to a frozen, compiled artifact with fused kernels."""
 
+from sdexport.controlnet import ControlNet
 from sdexport.pipeline import StableDiffusion
 
-__all__ = ["StableDiffusion"]
+__all__ = ["ControlNet", "StableDiffusion"]

@@ -198,9 +198,11 @@ class DiffusersBackend:
         return torch.cat(contexts, dim=-1), pooled
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
-             time_ids: Tensor | None = None) -> Tensor:
+             time_ids: Tensor | None = None, control: Sequence[Tensor] | None = None) -> Tensor:
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        out: Tensor = self._unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        res = {} if control is None else {"down_block_additional_residuals": tuple(control[:-1]),
+                                          "mid_block_additional_residual": control[-1]}
+        out: Tensor = self._unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added, **res).sample
         return out
 
     def decode(self, z: Tensor) -> Tensor:

@@ -121,6 +121,9 @@ def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str
                         min_size=min_size, max_size=max_size, max_chunks=max_chunks)
     opts.validate()
     t0 = time.perf_counter()
+    if _build_controlnet(model, out, opts, force, prediction_type, loras, embeddings):
+        click.echo(f"wrote ControlNet artifact {out} in {time.perf_counter() - t0:.1f}s")
+        return
     sd = open_model(model, prediction_type)
     _load_adapters(sd, loras, embeddings)
     step, close = _stage_bar(f"build {fmt}", len(modules_for(sd.info.family)))
@@ -128,6 +131,23 @@ def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str
     close()
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
     click.echo(f"wrote {out} in {time.perf_counter() - t0:.1f}s ({stages})")
+
+
+def _build_controlnet(model: str, out: Path, opts: BuildOptions, force: bool, prediction_type: str | None,
+                      loras: tuple[str, ...], embeddings: tuple[Path, ...]) -> bool:
+    """`sdexport build` of a ControlNet (folder or control_model.* file): a control artifact. False when
+    `model` is not a ControlNet."""
+    from sdexport.loading.controlnet import is_controlnet
+
+    if not is_controlnet(model):
+        return False
+    if prediction_type is not None or loras or embeddings:
+        raise click.UsageError("--prediction-type, --lora and --embedding do not apply to a ControlNet")
+    from sdexport.controlnet import ControlNet
+    from sdexport.export.control import build_control
+
+    build_control(ControlNet.from_pretrained(model), out, opts, overwrite=force)
+    return True
 
 
 @main.command()
@@ -192,6 +212,18 @@ def refit(artifact: Path, model: str, out: Path, prediction_type: str | None, fo
 @click.option("--embeddings-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="embeddings used by writing their file stem in a prompt")
 @_adapter_options
+@click.option("--control", "controls", multiple=True,
+              help="ControlNet: a control artifact, a diffusers folder or a control_model.* file (repeatable)")
+@click.option("--control-image", "control_images", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="one per --control")
+@click.option("--control-scale", "control_scales", multiple=True, type=float,
+              help="one, or one per --control [default: 1.0]")
+@click.option("--control-start", "control_starts", multiple=True, type=float,
+              help="fraction of the steps where it starts acting [default: 0.0]")
+@click.option("--control-end", "control_ends", multiple=True, type=float, help="[default: 1.0]")
+@click.option("--guess-mode", is_flag=True, help="ControlNet on the conditional half only (works without a prompt)")
+@click.option("--control-preprocess", "preprocess", multiple=True, type=click.Choice(["none", "canny"]),
+              help="applied to the control image: one, or one per --control [default: none]")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("."), show_default=True)
 @_friendly
 def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scale: float, width: int | None,
@@ -200,7 +232,9 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
              threads: int | None, original_size: tuple[int, int] | None, crop: tuple[int, int] | None,
              target_size: tuple[int, int] | None, aesthetic_score: float | None, syntax: str, emphasis: str,
              lora_dir: Path | None, embeddings_dir: Path | None, loras: tuple[str, ...],
-             embeddings: tuple[Path, ...], out: Path) -> None:
+             embeddings: tuple[Path, ...], controls: tuple[str, ...], control_images: tuple[Path, ...],
+             control_scales: tuple[float, ...], control_starts: tuple[float, ...], control_ends: tuple[float, ...],
+             guess_mode: bool, preprocess: tuple[str, ...], out: Path) -> None:
     """Generate PNGs (with A1111-style metadata) from MODEL: an artifact, a checkpoint or a preset."""
     from tqdm import tqdm
 
@@ -211,6 +245,7 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
     # Images are read before the model loads, so that a bad file fails at once.
     image = _open_image(init_image, "--init").convert("RGB") if init_image is not None else None
     mask_image = _open_image(mask, "--mask") if mask is not None else None
+    hints = _control_images(controls, control_images, preprocess)
     t0 = time.perf_counter()
     if (Path(model) / "manifest.json").is_file():
         import runtime
@@ -242,6 +277,12 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
     xl = {"original_size": original_size, "crops_coords_top_left": crop, "target_size": target_size,
           "aesthetic_score": aesthetic_score}
     common.update({k: v for k, v in xl.items() if v is not None})
+    if controls:
+        common.update(control=[_open_control(c, device) for c in controls], control_image=hints,
+                      control_scale=_per_control(control_scales, len(controls), 1.0, "--control-scale"),
+                      control_start=_per_control(control_starts, len(controls), 0.0, "--control-start"),
+                      control_end=_per_control(control_ends, len(controls), 1.0, "--control-end"),
+                      guess_mode=guess_mode)
     native = 1024 if pipe.backend.info.family.startswith("sdxl") else 512
     t1 = time.perf_counter()
     if image is None:
@@ -259,6 +300,42 @@ def generate(model: str, prompt: str, negative_prompt: str, steps: int, cfg_scal
         path = save_png(img, _free_name(out, f"{img_seed}.png"))
         click.echo(f"wrote {path}")
     click.echo(f"load {loaded:.2f}s, generate {time.perf_counter() - t1:.2f}s")
+
+
+def _control_images(controls: tuple[str, ...], paths: tuple[Path, ...], preprocess: tuple[str, ...]) -> list[Any]:
+    """The control images, read (and preprocessed) before any model loads."""
+    if len(paths) != len(controls):
+        raise click.UsageError(f"give one --control-image per --control ({len(controls)} controls, "
+                               f"{len(paths)} images)")
+    if preprocess and len(preprocess) not in (1, len(controls)):
+        raise click.UsageError("--control-preprocess: give one, or one per --control")
+    images = [_open_image(p, "--control-image").convert("RGB") for p in paths]
+    modes = list(preprocess) * len(controls) if len(preprocess) == 1 else list(preprocess) or ["none"] * len(controls)
+    if "canny" in modes:
+        from runtime.canny import canny
+
+        images = [canny(img) if mode == "canny" else img for img, mode in zip(images, modes, strict=True)]
+    return images
+
+
+def _per_control(values: tuple[float, ...], n: int, default: float, option: str) -> list[float]:
+    if not values:
+        return [default] * n
+    if len(values) not in (1, n):
+        raise click.UsageError(f"{option}: give one value, or one per --control ({n})")
+    return list(values) * n if len(values) == 1 else list(values)
+
+
+def _open_control(path: str, device: str | None) -> Any:
+    """A control artifact (runtime.load_control) or a ControlNet checkpoint (eager)."""
+    if (Path(path) / "manifest.json").is_file():
+        import runtime
+
+        return runtime.load_control(path, device=device)
+    from sdexport.controlnet import ControlNet
+
+    cn = ControlNet.from_pretrained(path)
+    return cn.to(device) if device is not None else cn
 
 
 def _open_image(path: Path, option: str) -> Any:

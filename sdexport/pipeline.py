@@ -84,9 +84,9 @@ class EagerBackend:
         return torch.cat(contexts, dim=-1), pooled
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor | None = None,
-             time_ids: Tensor | None = None) -> Tensor:
+             time_ids: Tensor | None = None, control: Sequence[Tensor] | None = None) -> Tensor:
         return self.unet_module(x, t, context, weights, text_embeds=text_embeds,  # type: ignore[no-any-return]
-                                time_ids=time_ids)
+                                time_ids=time_ids, control=control)
 
     def decode(self, z: Tensor) -> Tensor:
         return self.vae.decode(z.to(self.vae.dtype)).float()
@@ -267,7 +267,8 @@ class StableDiffusion(Pipeline):
                          force_zeros_for_empty_prompt=zeros if force_zeros_for_empty_prompt is None
                          else force_zeros_for_empty_prompt,
                          force_upcast=xl and vae.config.force_upcast,
-                         context_widths=tuple(e.config.hidden_size for e in encoders) if len(encoders) > 1 else ())
+                         context_widths=tuple(e.config.hidden_size for e in encoders) if len(encoders) > 1 else (),
+                         context_dim=unet.config.cross_attention_dim, control_residuals=unet.config.residuals)
         for m in (unet, vae, *encoders):
             m.eval().requires_grad_(False)
         configs = SourceConfigs(dict(unet_config), dict(vae_config), dict(text_config) if text_config else None,

@@ -21,6 +21,7 @@ from runtime.backend import ModelInfo
 from runtime.manifest import DTYPES, FORMAT_VERSION, FORMATS, MANIFEST, TEXT_ENCODERS, Manifest, ShapeRange, hash_tree
 from runtime.tokenizer import ClipTokenizer
 from sdexport.export import formats
+from sdexport.export.control_unet import ControlUNetStep, ControlUNetStepXL, control_unet_example
 from sdexport.export.modules import (
     SIZE_STEP,
     ShapeSpec,
@@ -28,8 +29,6 @@ from sdexport.export.modules import (
     TextEncodePooled,
     TextTokens,
     TextTokensPooled,
-    UNetStep,
-    UNetStepXL,
     VAEDecode,
     VAEMoments,
     XLInputs,
@@ -218,7 +217,7 @@ def export_modules(sd: Exportable, tokens: bool = True) -> dict[str, nn.Module]:
     if len(sd.tokenizers) != len(TEXT_ENCODERS[family]):
         raise ValueError(f"a {family} model has {len(TEXT_ENCODERS[family])} text encoders, "
                          f"but {len(sd.tokenizers)} tokenizers were given")
-    modules["unet"] = UNetStepXL(sd.unet) if xl_inputs(sd) is not None else UNetStep(sd.unet)
+    modules["unet"] = ControlUNetStepXL(sd.unet) if xl_inputs(sd) is not None else ControlUNetStep(sd.unet)
     modules["vae_decoder"] = VAEDecode(sd.vae)
     modules["vae_encoder"] = VAEMoments(sd.vae)
     return modules
@@ -232,7 +231,6 @@ def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
 
 def _modules(sd: Exportable, spec: ShapeSpec, dtype: torch.dtype,
              device: torch.device) -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...], Any]]:
-    unet_cfg = sd.unet.config
     vae_dt = vae_dtype(sd.info, dtype)
     def widths(te: TextEncoder | TextEncoderWithProjection | None) -> int:
         return 0 if te is None or not TOKEN_TABLES else te.config.hidden_size
@@ -240,7 +238,7 @@ def _modules(sd: Exportable, spec: ShapeSpec, dtype: torch.dtype,
     examples = {
         "text_encoder": spec.text_encoder(device, widths(sd.text_encoder), dtype),
         "text_encoder_2": spec.text_encoder(device, widths(sd.text_encoder_2), dtype, pooled=True),
-        "unet": spec.unet(unet_cfg.in_channels, unet_cfg.cross_attention_dim, dtype, device, xl_inputs(sd)),
+        "unet": control_unet_example(sd.unet, spec, dtype, device, xl_inputs(sd)),
         "vae_decoder": spec.vae_decoder(sd.vae.config.latent_channels, vae_dt, device),
         "vae_encoder": spec.vae_encoder(vae_dt, device),
     }
@@ -321,7 +319,8 @@ def model_fields(sd: Exportable) -> dict[str, Any]:
                 scheduler_config=dict(info.scheduler_config), model_name=info.name, model_hash=info.hash,
                 time_ids=info.time_ids, pooled_dim=0 if xl is None else xl.pooled_dim,
                 force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt,
-                force_upcast=info.force_upcast, context_widths=list(info.context_widths))
+                force_upcast=info.force_upcast, context_widths=list(info.context_widths),
+                control_residuals=[list(r) for r in sd.unet.config.residuals])
 
 
 def _manifest(sd: Exportable, opts: BuildOptions, spec: ShapeSpec, entries: dict[str, dict[str, str]],

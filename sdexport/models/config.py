@@ -151,6 +151,18 @@ class UNetConfig:
         """Whether the UNet takes SDXL's ``text_embeds`` and ``time_ids``."""
         return self.addition_time_embed_dim is not None
 
+    @property
+    def residuals(self) -> tuple[tuple[int, int], ...]:
+        """(channels, downscale) of every ControlNet residual: ``conv_in``'s output, each down layer's
+        and downsampler's output (the UNet's skips), then the mid block's."""
+        boc, n = self.block_out_channels, len(self.block_out_channels)
+        out = [(boc[0], 1)]
+        for i in range(n):
+            out += [(boc[i], 2**i)] * self.layers_per_block[i]
+            if i < n - 1:
+                out.append((boc[i], 2 ** (i + 1)))
+        return (*out, (boc[-1], 2 ** (n - 1)))
+
     @classmethod
     def from_diffusers(cls, d: Mapping[str, Any]) -> UNetConfig:
         """Parse a diffusers ``UNet2DConditionModel`` config dict; ``ValueError`` names any option
