@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_configs
+from serve_helpers import demo_artifact  # noqa: F401  (one session fixture for every serving test module)
 
 # Tiny models on a shared 2-core machine: OpenMP threads cost more than they bring.
 torch.set_num_threads(1)

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import ServerHandle, demo_artifact, start_server  # noqa: F401
+from serve_helpers import ServerHandle, start_server
 
 import runtime
 from runtime.serve import images as imgs
@@ -30,14 +30,14 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def server(demo_artifact: Path) -> Iterator[ServerHandle]:  # noqa: F811
+def server(demo_artifact: Path) -> Iterator[ServerHandle]:
     srv = start_server([demo_artifact])
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def pipe(demo_artifact: Path) -> runtime.Pipeline:  # noqa: F811
+def pipe(demo_artifact: Path) -> runtime.Pipeline:
     return runtime.load(demo_artifact)
 
 
@@ -149,7 +149,7 @@ def test_hires_fix_is_txt2img_then_img2img(server: ServerHandle, pipe: runtime.P
     assert "Hires upscale: 2, Hires upscaler: Lanczos" in r.images[0].info["parameters"]
 
 
-def test_listing_endpoints(server: ServerHandle, demo_artifact: Path) -> None:  # noqa: F811
+def test_listing_endpoints(server: ServerHandle, demo_artifact: Path) -> None:
     api = _api(server)
     models = api.get_sd_models()
     assert [m["model_name"] for m in models] == [demo_artifact.name]
@@ -283,7 +283,7 @@ def test_bad_requests(server: ServerHandle, path: str, body: Any, status: int, f
     _healthy(server)
 
 
-def test_body_limit_and_unknown_route(demo_artifact: Path) -> None:  # noqa: F811
+def test_body_limit_and_unknown_route(demo_artifact: Path) -> None:
     srv = start_server([demo_artifact], max_body_bytes=2**16, in_process=True)
     try:
         r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**GOOD, "prompt": "x" * 2**17}, timeout=30)
@@ -294,7 +294,7 @@ def test_body_limit_and_unknown_route(demo_artifact: Path) -> None:  # noqa: F81
         srv.stop()
 
 
-def test_api_auth(demo_artifact: Path) -> None:  # noqa: F811
+def test_api_auth(demo_artifact: Path) -> None:
     srv = start_server([demo_artifact], api_auth="alice:s3cret", in_process=True)
     try:
         url = f"{srv.url}/sdapi/v1/sd-models"
@@ -310,7 +310,7 @@ def test_api_auth(demo_artifact: Path) -> None:  # noqa: F811
         srv.stop()
 
 
-def test_full_queue_answers_503(demo_artifact: Path) -> None:  # noqa: F811
+def test_full_queue_answers_503(demo_artifact: Path) -> None:
     srv = start_server([demo_artifact], max_queue=1, batching=False, in_process=True)
     try:
         body = {**GOOD, "steps": 10, "width": 128, "height": 128}
@@ -335,7 +335,7 @@ def _wait_running(srv: ServerHandle) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_finishes_running_job(demo_artifact: Path) -> None:  # noqa: F811
+def test_sigterm_finishes_running_job(demo_artifact: Path) -> None:
     srv = start_server([demo_artifact])
     assert srv.proc is not None
     result: dict[str, Any] = {}
@@ -352,7 +352,7 @@ def test_sigterm_finishes_running_job(demo_artifact: Path) -> None:  # noqa: F81
 
 # ---- LoRA tags through the server ----------------------------------------------------------------------
 
-def test_lora_tags(demo_artifact: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_lora_tags(demo_artifact: Path, tmp_path: Path) -> None:
     """`<lora:NAME:w>` resolves NAME inside --lora-dir only; the image equals the runtime's with the same
     lora_dir; requests with different tag sets are never batched together."""
     import lora_writer as lw
@@ -391,7 +391,7 @@ def test_lora_tags(demo_artifact: Path, tmp_path: Path) -> None:  # noqa: F811
         srv.stop()
 
 
-def test_several_artifacts(demo_artifact: Path, tmp_path: Path, pipe: runtime.Pipeline) -> None:  # noqa: F811
+def test_several_artifacts(demo_artifact: Path, tmp_path: Path, pipe: runtime.Pipeline) -> None:
     """A folder of artifacts: each is listed, `sd_model_checkpoint` picks one by name or title, only among them."""
     import shutil
 

@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import demo_artifact, start_server
+from serve_helpers import start_server
 
-__all__ = ["demo_artifact"]  # the session fixture, imported for pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import ServerHandle, demo_artifact, start_server  # noqa: F401
+from serve_helpers import ServerHandle, start_server
 
 REQUESTS, CLIENTS, WARMUP = 200, 16, 40
 
@@ -25,7 +25,7 @@ def _rss_mb(pid: int) -> float:
 
 
 @pytest.fixture()
-def server(demo_artifact: Path) -> Iterator[ServerHandle]:  # noqa: F811
+def server(demo_artifact: Path) -> Iterator[ServerHandle]:
     srv = start_server([demo_artifact], max_queue=8)
     yield srv
     srv.stop()

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import httpx
 import psutil
-from serve_helpers import demo_artifact, start_server
+from serve_helpers import start_server
 from serve_net import Sock, SocketWatch, is_loopback
-
-__all__ = ["demo_artifact"]  # the session fixture, imported for pytest
 
 
 def test_loopback_classification() -> None:

@@ -17,13 +17,12 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
-from serve_helpers import demo_artifact, free_port, start_server
+from serve_helpers import free_port, start_server
 from serve_net import SocketWatch
 
 from runtime.serve import ray_app
 from runtime.serve.settings import ServeSettings
 
-__all__ = ["demo_artifact"]  # the session fixture, imported for pytest
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's pydantic v1-style fields
 
 # Small, distinct jobs: 64 px, 3 steps, each its own seed / prompt / sampler.
