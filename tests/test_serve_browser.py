@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 from serve_helpers import start_server
 
-
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 STEPS = 60  # long enough to see several progress polls (the page polls every 200 ms)
