@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from runtime.manifest import FORMAT_VERSION
 from sdexport.cli import main
 
 SMALL = ["--format", "pt2", "--kernels", "native", "--min-size", "64", "--max-size", "128", "--max-batch", "1"]
@@ -29,7 +30,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory, sd1_folder: Path) -> Path
 def test_inspect_prints_and_verifies(artifact: Path) -> None:
     result = CliRunner().invoke(main, ["inspect", str(artifact)])
     assert result.exit_code == 0, result.output
-    assert "pt2 (version 1)" in result.output
+    assert f"pt2 (version {FORMAT_VERSION})" in result.output
     assert "batch 1..1, 64..128 px in steps of 64" in result.output
     assert "verified:" in result.output and "unet.safetensors" in result.output
 

@@ -50,7 +50,7 @@ def _max_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("fmt", ["pt2", "aoti"])
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("aoti", marks=pytest.mark.slow)])  # aoti: ~4 min
 def test_refitted_artifact_runs_the_new_weights(fmt: str, sd1_folder: Path, tmp_path: Path) -> None:
     base = StableDiffusion.from_pretrained(sd1_folder)
     art = base.export(tmp_path / "base", format=fmt, kernels=_kernels(), **OPTIONS)

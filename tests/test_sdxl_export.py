@@ -316,6 +316,7 @@ def _refiner_jobs(pipe: Any) -> dict[str, torch.Tensor]:
             "i2i_default": pipe.img2img(image, "a cat", "blurry", strength=0.7, steps=3, seed=4, output="tensor")}
 
 
+@pytest.mark.slow  # ~4 min on 2 cores; aoti is covered in CI by test_export and test_lora_pipeline
 def test_refiner_aoti_artifact_matches_eager(sdxl_refiner_folder: Path, tmp_path: Path) -> None:
     sd = StableDiffusion.from_pretrained(sdxl_refiner_folder)
     art = sd.export(tmp_path / "refiner", format="aoti", kernels=_kernels(), **SMALL)
@@ -357,25 +358,27 @@ def test_refit_rejects_another_family(base_art: Path, sdxl_refiner_folder: Path,
     assert not (tmp_path / "x").exists()
 
 
-def test_half_artifact_keeps_the_vae_in_float32(base: StableDiffusion, base_eager: dict[str, torch.Tensor],
+def test_half_cpu_artifact_is_bfloat16_vae_included(base: StableDiffusion, base_eager: dict[str, torch.Tensor],
                                                 tmp_path: Path) -> None:
+    """On the CPU `--half` is bfloat16, and the SDXL VAE stays bfloat16: it overflows float16, not bfloat16
+    (float32's exponent range), so only a float16 build upcasts it (force_upcast)."""
     art = base.export(tmp_path / "half", format="pt2", half=True, kernels=_kernels(), **SMALL)
     base.attention_backend("sdpa")
     m = json.loads((art / "manifest.json").read_text())
-    assert m["dtype"] == "float16" and m["vae_dtype"] == "float32"
+    assert m["dtype"] == "bfloat16" and m["vae_dtype"] == "bfloat16"
     from safetensors import safe_open
 
     with safe_open(str(art / "vae_decoder.safetensors"), framework="pt") as f:
-        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())  # noqa: SIM118
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())  # noqa: SIM118
     with safe_open(str(art / "unet.safetensors"), framework="pt") as f:
-        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys() if f.get_tensor(k).is_floating_point())  # noqa: SIM118
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys() if f.get_tensor(k).is_floating_point())  # noqa: SIM118
     pipe = runtime.load(art)
-    assert pipe.backend.dtype == torch.float16
+    assert pipe.backend.dtype == torch.bfloat16
     jobs = _jobs()
     out = pipe.text2img(PROMPT, "", steps=3, height=64, width=64, latents=jobs["lat1"], scheduler="euler",
                         output="tensor")
     assert isinstance(out, torch.Tensor) and torch.isfinite(out).all()
-    assert (out - base_eager["t2i_empty_negative"]).abs().max().item() <= 3e-2
+    assert (out - base_eager["t2i_empty_negative"]).abs().max().item() <= 5e-2  # bf16: 8-bit mantissa
 
 
 def test_default_sizes_follow_the_family() -> None:
