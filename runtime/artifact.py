@@ -311,6 +311,19 @@ def _dense(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(dtype).contiguous() for t in tensors)
 
 
+def load_kernels(root: Path, kernels: str) -> None:
+    """Load the fused op library when an artifact (model or ControlNet) was built with it."""
+    if kernels != "fused":
+        return
+    from runtime import ops
+
+    try:
+        ops.load()
+    except (ImportError, OSError, RuntimeError) as e:
+        raise ArtifactError(f"{root}: this artifact uses the fused ops, but the op library could not "
+                            f"be loaded: {e}") from None
+
+
 def load(path: str | Path, device: str | torch.device | None = None, *, cuda_graphs: bool = True,
          low_ram: bool = False, verify: bool = True, lora_dir: str | Path | None = None,
          embeddings_dir: str | Path | None = None, threads: int | None = None) -> Pipeline:
@@ -329,14 +342,7 @@ def load(path: str | Path, device: str | torch.device | None = None, *, cuda_gra
     _check_compatible(m, dev, root)
     if dev.type == "cpu" and "bfloat16" in (m.dtype, m.vae_dtype_name):
         check_bf16(str(root))  # runs everywhere; warns where the CPU has no native bf16
-    if m.kernels == "fused":
-        from runtime import ops
-
-        try:
-            ops.load()
-        except (ImportError, OSError, RuntimeError) as e:
-            raise ArtifactError(f"{root}: this artifact uses the fused ops, but the op library could not "
-                                f"be loaded: {e}") from None
+    load_kernels(root, m.kernels)
     pipe = Pipeline(ArtifactBackend(root, m, dev, cuda_graphs, threads), low_ram=low_ram)
     pipe.set_adapter_dirs(lora_dir, embeddings_dir)
     return pipe

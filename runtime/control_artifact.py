@@ -161,12 +161,7 @@ def load_control(path: str | Path, device: str | torch.device | None = None, *, 
     root = Path(path)
     m = ControlManifest.read(root, verify=verify)
     dev = torch.device(device if device is not None else m.device)
-    if m.kernels == "fused":
-        from runtime import ops
+    from runtime.artifact import load_kernels
 
-        try:
-            ops.load()
-        except (ImportError, OSError, RuntimeError) as e:
-            raise ArtifactError(f"{root}: this artifact uses the fused ops, but the op library could not "
-                                f"be loaded: {e}") from None
+    load_kernels(root, m.kernels)
     return ControlArtifact(root, m, dev, threads)

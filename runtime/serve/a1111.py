@@ -236,7 +236,8 @@ def _units(kind: str, model: Model, prompt: str, negative: str, seeds: list[int]
     return out
 
 
-def txt2img(req: Txt2ImgRequest, ctx: Context) -> Plan:
+def _common(req: Txt2ImgRequest | Img2ImgRequest, ctx: Context) -> tuple[Model, str, float, str]:
+    """What txt2img and img2img read alike: the model, our sampler, its eta and the prompt (checked)."""
     _check_common(req)
     model = _model(req, ctx)
     _size(model, req.width, req.height)
@@ -244,6 +245,11 @@ def txt2img(req: Txt2ImgRequest, ctx: Context) -> Plan:
                    "sampler_name" if req.sampler_name else "sampler_index", "scheduler")
     eta = _eta(ours, req.eta)
     prompt = _prompt(req, ctx)
+    return model, ours, eta, prompt
+
+
+def txt2img(req: Txt2ImgRequest, ctx: Context) -> Plan:
+    model, ours, eta, prompt = _common(req, ctx)
     syntax, emphasis = ctx.settings.syntax, ctx.settings.emphasis
     chunks, tags = _chunks(model, prompt, req.negative_prompt, req.steps, syntax)
     seeds = _seeds(req)
@@ -315,13 +321,7 @@ def _hires(req: Txt2ImgRequest, ctx: Context, model: Model, first: str, prompt: 
 
 
 def img2img(req: Img2ImgRequest, ctx: Context) -> Plan:
-    _check_common(req)
-    model = _model(req, ctx)
-    _size(model, req.width, req.height)
-    ours = sampler(req.sampler_name or req.sampler_index, req.scheduler,
-                   "sampler_name" if req.sampler_name else "sampler_index", "scheduler")
-    eta = _eta(ours, req.eta)
-    prompt = _prompt(req, ctx)
+    model, ours, eta, prompt = _common(req, ctx)
     syntax, emphasis = ctx.settings.syntax, ctx.settings.emphasis
     _chunks(model, prompt, req.negative_prompt, req.steps, syntax)
     if not req.init_images:
