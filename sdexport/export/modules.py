@@ -34,7 +34,6 @@ __all__ = [
     "TextTokens",
     "TextTokensPooled",
     "UNetStep",
-    "UNetStepXL",
     "VAEDecode",
     "VAEMoments",
     "XLInputs",
@@ -58,25 +57,14 @@ def artifact_multiple(unet: UNet, vae: VAE) -> int:
 
 
 class UNetStep(nn.Module):
+    """The UNet step of artifacts built before ControlNet (no residual inputs); tests build such artifacts."""
+
     def __init__(self, unet: UNet) -> None:
         super().__init__()
         self.unet = unet
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor) -> Tensor:
         out: Tensor = self.unet(x, t, context, weights)
-        return out
-
-
-class UNetStepXL(nn.Module):
-    """SDXL's step: the UNet with its added "text_time" conditioning as two more inputs."""
-
-    def __init__(self, unet: UNet) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, weights: Tensor, text_embeds: Tensor,
-                time_ids: Tensor) -> Tensor:
-        out: Tensor = self.unet(x, t, context, weights, text_embeds=text_embeds, time_ids=time_ids)
         return out
 
 
