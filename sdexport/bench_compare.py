@@ -38,7 +38,7 @@ OPENVINO_MISSING = ("--compare-openvino needs OpenVINO, an optional dependency: 
 
 def _openvino() -> Any:
     try:
-        import openvino  # type: ignore[import-untyped]
+        import openvino
     except ImportError:
         raise ValueError(OPENVINO_MISSING) from None
     return openvino
