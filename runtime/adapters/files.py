@@ -1,27 +1,22 @@
-"""Reading adapter files (LoRA, LyCORIS, textual inversion) safely, and the hashes A1111 writes for them.
-
-`.safetensors` is read with `safetensors`; `.pt` / `.bin` / `.ckpt` only with
-`torch.load(weights_only=True)`, which refuses any pickle that would run code (a class with `__reduce__`,
-a global that is not a tensor type): such a file is an :class:`AdapterError`, never executed.
-"""
+"""Reading adapter files (LoRA, LyCORIS, textual inversion) safely (runtime.tensor_files: a pickle that
+would run code is an :class:`AdapterError`, never executed), and the hashes A1111 writes for them."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from runtime.tensor_files import TORCH_SUFFIXES, load_safetensors, load_torch
 
 __all__ = ["AdapterError", "FileInfo", "a1111_lora_hash", "file_info", "read_file", "sha256_file"]
 
-PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
 _BLOCK = 1 << 20
 
 
@@ -75,33 +70,6 @@ def a1111_lora_hash(path: str | Path, metadata: Mapping[str, str] | None = None)
     return sha256_file(p, 8 + header)[:12]
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
-    except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError)
-        raise AdapterError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
-    return tensors, dict(meta)
-
-
-def _read_pickle(path: Path) -> dict[str, Any]:
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(
-            f"{path}: refused: the pickle holds more than tensors (it would run code on load; only "
-            f"weights_only files are read, convert it to .safetensors): {first}") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise AdapterError(f"{path}: not a readable torch file (truncated or corrupt?): {e}") from e
-    if not isinstance(obj, dict):
-        raise AdapterError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return obj
-
-
 def read_file(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     """(content, safetensors metadata) of an adapter file. Content is a flat name -> tensor dict for
     safetensors; pickles may nest dicts (A1111 embeddings)."""
@@ -110,14 +78,17 @@ def read_file(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise AdapterError(f"{p}: no such file")
     suffix = p.suffix.lower()
     if suffix == ".safetensors":
-        return _read_safetensors(p)
-    if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(p), {}
+        return load_safetensors(p, AdapterError)
+    if suffix in TORCH_SUFFIXES:
+        obj = load_torch(p, AdapterError, "adapter file")
+        if not isinstance(obj, dict):
+            raise AdapterError(f"{p}: expected a dict of tensors, found {type(obj).__name__}")
+        return obj, {}
     with open(p, "rb") as f:  # unknown suffix: sniff (safetensors starts with a little-endian header size)
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{":
-        return _read_safetensors(p)
-    raise AdapterError(f"{p}: unknown adapter file type {suffix!r} (expected .safetensors, or {PICKLE_SUFFIXES})")
+        return load_safetensors(p, AdapterError)
+    raise AdapterError(f"{p}: unknown adapter file type {suffix!r} (expected .safetensors, or {TORCH_SUFFIXES})")
 
 
 def flat_tensors(path: Path, content: Mapping[str, Any]) -> dict[str, Tensor]:

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
+
+from runtime.tensor_files import TORCH_SUFFIXES, KeyFilter, load_safetensors, load_torch
 
 from .errors import CheckpointError
 
 __all__ = ["TORCH_SUFFIXES", "read_json", "read_safetensors", "read_torch", "read_weights"]
-
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-KeyFilter = Callable[[str], bool]
-
 
 def _check_file(path: Path) -> None:
     if not path.exists():
@@ -45,17 +38,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def read_safetensors(path: Path, keep: KeyFilter | None = None) -> dict[str, Tensor]:
     """The tensors of a ``.safetensors`` file whose names pass ``keep`` (all when ``None``)."""
     _check_file(path)
-    out: dict[str, Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                if keep is None or keep(key):
-                    out[key] = f.get_tensor(key)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
-    return out
+    return load_safetensors(path, CheckpointError, keep)[0]
 
 
 def read_torch(path: Path, keep: KeyFilter | None = None) -> dict[str, Tensor]:
@@ -66,18 +49,7 @@ def read_torch(path: Path, keep: KeyFilter | None = None) -> dict[str, Tensor]:
     flat ``{name: tensor}`` mapping is refused: only plain-tensor checkpoints are supported.
     """
     _check_file(path)
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: the pickle holds objects other than plain tensors; only plain-tensor checkpoints "
-            f"are supported (no arbitrary code is unpickled). Convert it to .safetensors. ({first})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint (truncated or corrupt?): {exc}"
-        ) from exc
+    obj = load_torch(path, CheckpointError, "checkpoint")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
