@@ -162,6 +162,25 @@ class BuildOptions:
                              f"{DEFAULT_SIZES[family][0]}..{DEFAULT_SIZES[family][1]} px)")
         return lo, hi
 
+    def resolve(self, out: Path, overwrite: bool, family: str, multiple: int, what: str) -> BuildOptions:
+        """The shared start of every build: `out` free (or `overwrite`), the op library loaded for fused
+        kernels, the sizes resolved for `family` and checked against the model's pixel `multiple`."""
+        self.validate()
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists (pass overwrite=True / --force to replace it)")
+        if self.kernels == "fused":
+            from runtime import ops
+
+            ops.load()
+        lo, hi = self.sizes(family)
+        if lo % multiple or hi % multiple:
+            raise ValueError(f"sizes must be multiples of {multiple} px for this {what}")
+        return replace(self, min_size=lo, max_size=hi)
+
+    @property
+    def model_kernels(self) -> Kernels:
+        return Kernels.FUSED if self.kernels == "fused" else Kernels.SDPA
+
     @property
     def dtype_name(self) -> str:
         if not self.half:
@@ -270,25 +289,15 @@ def build(sd: Exportable, out: str | Path, options: BuildOptions | None = None, 
     """Export `sd` into the artifact directory `out`, atomically: a failed or interrupted build leaves
     no directory at `out` (the work happens in a hidden sibling directory renamed at the end).
     `sd` itself is not changed: the export runs on copies cast to the build's device and dtype."""
-    opts = options or BuildOptions()
-    opts.validate()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --force to replace it)")
-    if opts.kernels == "fused":
-        from runtime import ops
-
-        ops.load()
+    (options or BuildOptions()).validate()
     export_modules(sd)  # checks the model's parts against its family before any work
-    min_size, max_size = opts.sizes(sd.info.family)
-    opts = replace(opts, min_size=min_size, max_size=max_size)
     multiple = artifact_multiple(sd.unet, sd.vae)
-    if min_size % multiple or max_size % multiple:
-        raise ValueError(f"sizes must be multiples of {multiple} px for this UNet")
+    opts = (options or BuildOptions()).resolve(out, overwrite, sd.info.family, multiple, "UNet")
+    assert opts.min_size is not None and opts.max_size is not None
     device, dtype = torch.device(opts.device), opts.dtype
-    kernels = Kernels.FUSED if opts.kernels == "fused" else Kernels.SDPA
-    sd = _copy(sd, device, dtype, kernels)
-    spec = ShapeSpec(opts.max_batch, min_size, max_size, opts.max_chunks, multiple)
+    sd = _copy(sd, device, dtype, opts.model_kernels)
+    spec = ShapeSpec(opts.max_batch, opts.min_size, opts.max_size, opts.max_chunks, multiple)
 
     report = BuildReport(out)
     with atomic_directory(out) as tmp:

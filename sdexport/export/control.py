@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,9 @@ from torch import Tensor, nn
 from runtime.control_artifact import CONTROL_PROGRAM, ControlManifest
 from runtime.manifest import ShapeRange
 from sdexport.export import formats
-from sdexport.export.build import DEFAULT_SIZES, BuildOptions, atomic_directory, export_copy
+from sdexport.export.build import BuildOptions, atomic_directory, export_copy
 from sdexport.export.modules import SIZE_STEP, ShapeSpec, XLInputs
 from sdexport.models.controlnet import ControlNet as ControlNetModule
-from sdexport.models.layers import Kernels
 
 __all__ = ["ControlNetStep", "ControlNetStepXL", "build_control", "control_multiple"]
 
@@ -73,24 +72,11 @@ def build_control(cn: Any, out: str | Path, options: BuildOptions | None = None,
     `cn` unchanged)."""
     from runtime import ops
 
-    opts = options or BuildOptions()
-    opts.validate()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --force to replace it)")
-    if opts.kernels == "fused":
-        ops.load()
-    info = cn.info
-    lo, hi = DEFAULT_SIZES[info.family]
-    lo, hi = opts.min_size or lo, opts.max_size or hi
-    if lo > hi:
-        raise ValueError(f"min_size {lo} exceeds max_size {hi}")
-    opts = replace(opts, min_size=lo, max_size=hi)
-    multiple = control_multiple(cn.module)
-    if lo % multiple or hi % multiple:
-        raise ValueError(f"sizes must be multiples of {multiple} px for this ControlNet")
-    device, dtype = torch.device(opts.device), opts.dtype
-    kernels = Kernels.FUSED if opts.kernels == "fused" else Kernels.SDPA
+    info, multiple = cn.info, control_multiple(cn.module)
+    opts = (options or BuildOptions()).resolve(out, overwrite, info.family, multiple, "ControlNet")
+    lo, hi = opts.sizes(info.family)
+    device, dtype, kernels = torch.device(opts.device), opts.dtype, opts.model_kernels
     module = export_copy(cn.module, device, dtype, kernels)
     spec = ShapeSpec(opts.max_batch, lo, hi, opts.max_chunks, multiple)
     xl = XLInputs(info.pooled_dim, info.time_ids) if info.time_ids else None
