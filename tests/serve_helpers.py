@@ -77,6 +77,7 @@ class ServerHandle:
 def _cli_args(artifacts: Sequence[Path], port: int, settings: dict[str, Any]) -> list[str]:
     args = [str(a) for a in artifacts] + ["--host", "127.0.0.1", "--port", str(port)]
     flags = {"device": "--device", "lora_dir": "--lora-dir", "embeddings_dir": "--embeddings-dir",
+             "control_dir": "--control-dir",
              "api_auth": "--api-auth", "max_queue": "--max-queue", "max_image_pixels": "--max-image-pixels",
              "threads": "--threads"}
     for key, value in settings.items():
