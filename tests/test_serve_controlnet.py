@@ -17,9 +17,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from serve_helpers import DEMO_BUILD, ServerHandle, start_server
+from serve_helpers import DEMO_CONTROL, ServerHandle, start_server
 
 import runtime
 from runtime.canny import canny
@@ -29,20 +28,14 @@ from runtime.serve.__main__ import parser, settings_from
 webuiapi = pytest.importorskip("webuiapi")
 PROMPT, NEGATIVE = "a (red):1.2 fox in the snow", "blurry"
 SIZE = 64
-CN = "demo-cn"
+CN = DEMO_CONTROL
 
 
 @pytest.fixture(scope="module")
-def control_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """--control-dir: one pt2 ControlNet artifact mirroring the demo UNet, and a folder that is not one."""
-    from sdexport.controlnet import ControlNet
-    from sdexport.presets import random_pipeline
-
-    root = tmp_path_factory.mktemp("control-dir")
-    torch.manual_seed(3)
-    cn = ControlNet.from_unet_config(dict(random_pipeline("demo").configs.unet), name=CN)
-    cn.export(root / CN, overwrite=True, **DEMO_BUILD)
-    (root / "notes").mkdir()
+def control_dir(demo_control_artifact: Path) -> Path:
+    """--control-dir: the demo's ControlNet artifact, and a folder that is not one."""
+    root = demo_control_artifact.parent
+    (root / "notes").mkdir(exist_ok=True)
     (root / "notes" / "readme.txt").write_text("not an artifact")
     return root
 
