@@ -8,11 +8,13 @@ name; never a path), `weight`, `guidance_start`, `guidance_end`, plus the prepro
 - `canny` runs as the extension does: the image's short side scaled to `processor_res` (cubic up, area
   down; `pixel_perfect` derives it from the output size), edge-padded to a multiple of 64,
   `cv2.Canny(threshold_a, threshold_b)` (a negative threshold: the default 100 / 200), the padding cut off.
+- `weight`, `guidance_start`, `guidance_end` are the pipeline's control_scale / control_start / control_end
+  (runtime/control.py: diffusers' rule for the model calls a ControlNet acts on).
 - `resize_mode` (to the output size, Lanczos): "Just Resize", "Crop and Resize", and "Resize and Fill" only
   where the image already has the output's aspect ratio (then all three are one resize).
 - `control_mode`: "Balanced", or "ControlNet is more important" as guess mode (the original ControlNet's
   guess mode, which diffusers defines with `logspace(-1, 0)` for the extension's `0.825 ** (12 - i)`: the
-  same to 0.6% on the shallowest skip), for 13-residual (SD 1.x / 2.x) ControlNets only, in every unit
+  same within 0.6%, the most on the shallowest skip), for 13-residual (SD 1.x / 2.x) ControlNets only, in every unit
   alike; "My prompt is more important" (scaled residuals with CFG on both halves) is refused.
 - `low_vram` is a memory hint (accepted); `mask`, `hr_option` other than "Both", and hires fix are refused.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +53,10 @@ GUESS_RESIDUALS = 13  # guess mode's scales match the extension's for this resid
 
 
 class ControlNets:
-    """The control artifacts of --control-dir, by folder name, loaded on first use and kept."""
+    """The control artifacts of --control-dir, by folder name, loaded on first use; the last CACHE used
+    stay loaded (a job holding an evicted one keeps it until it ends)."""
+
+    CACHE = MAX_UNITS + 1
 
     def __init__(self, folder: Path | None, device: str) -> None:
         self.folder = folder
@@ -60,7 +66,7 @@ class ControlNets:
             for p in sorted(folder.iterdir()):
                 if (p / MANIFEST).is_file() and _is_control(p):
                     self.manifests[p.name] = ControlManifest.read(p, verify=False)  # verified on load
-        self._loaded: dict[str, ControlArtifact] = {}
+        self._loaded: OrderedDict[str, ControlArtifact] = OrderedDict()
         self._lock = threading.Lock()
 
     def resolve(self, name: object, field: str) -> str:
@@ -79,6 +85,9 @@ class ControlNets:
                     self._loaded[name] = load_control(self.folder / name, device=self.device)
                 except ArtifactError as e:  # the server's fault, not the request's
                     raise RequestError("model", f"ControlNet {name!r} failed to load: {e}", status=500) from None
+                while len(self._loaded) > self.CACHE:
+                    self._loaded.popitem(last=False)
+            self._loaded.move_to_end(name)
             return self._loaded[name]
 
 
@@ -265,7 +274,7 @@ def _canny(where: str, i: int, a: dict[str, Any], image: Image.Image, width: int
                            status=501) from None
     if a.get("pixel_perfect", False):  # the extension's pixel_perfect_resolution
         k0, k1 = height / image.height, width / image.width
-        res = round((min(k0, k1) if resize == 2 else max(k0, k1)) * min(image.size))
+        res = max(1, round((min(k0, k1) if resize == 2 else max(k0, k1)) * min(image.size)))
     else:
         res = int(_number(a, where, i, "processor_res", 512))
         if not 64 <= res <= 4096:
@@ -278,7 +287,7 @@ def _canny(where: str, i: int, a: dict[str, Any], image: Image.Image, width: int
                                                  f"got {a_} and {b_}")
     rgb = np.asarray(image.convert("RGB"))
     k = res / min(rgb.shape[:2])
-    h, w = round(rgb.shape[0] * k), round(rgb.shape[1] * k)
+    h, w = max(1, round(rgb.shape[0] * k)), max(1, round(rgb.shape[1] * k))
     if h * w > 4096 * 4096:
         raise RequestError(f"{at}.processor_res", f"{res} would preprocess a {w}x{h} image; too large")
     rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
