@@ -276,3 +276,46 @@ def test_control_dir_option(demo_artifact: Path, control_dir: Path) -> None:
     assert s.control_dir == control_dir
     with pytest.raises(ValueError, match="not a directory"):
         settings_from(parser().parse_args([str(demo_artifact), "--control-dir", str(control_dir / "missing")]))
+
+
+# ---- the mapping alone (no server): pairing and guess mode -----------------------------------------------
+
+
+def _plan(control_dir: Path, manifest: Any, net: Any, **unit: Any) -> Any:
+    from runtime.serve import controlnet as cn
+
+    nets = cn.ControlNets(control_dir, "cpu")
+    nets.load = lambda name: net  # type: ignore[method-assign]
+    scripts = {"controlnet": {"args": [{**GOOD_UNIT, "image": _b64(_hint()), **unit}]}}
+    return cn.plan(scripts, nets, manifest, SIZE, SIZE, 2**24)
+
+
+def test_controlnet_of_another_shape_is_refused(demo_artifact: Path, control_dir: Path) -> None:
+    from runtime.manifest import read_manifest
+    from runtime.serve.errors import RequestError
+    from sdexport.controlnet import ControlNet
+    from sdexport.presets import random_pipeline
+
+    unet = dict(random_pipeline("demo").configs.unet)
+    other = ControlNet.from_unet_config({**unet, "cross_attention_dim": 48})
+    with pytest.raises(RequestError, match="context width 48") as e:
+        _plan(control_dir, read_manifest(demo_artifact, verify=False), other)
+    assert e.value.field == f"{ARGS}[0].model" and e.value.status == 422
+
+
+def test_controlnet_is_more_important_is_guess_mode_for_13_residuals(demo_artifact: Path, control_dir: Path,
+                                                                     net: Any) -> None:
+    """A1111's "ControlNet is more important" is the original guess mode; SD 1.x / 2.x ControlNets (13
+    residuals) get it, as diffusers' guess_mode."""
+    from dataclasses import replace
+
+    from runtime.manifest import read_manifest
+
+    layout = [(32, 1)] * 4 + [(64, 2)] * 3 + [(64, 4)] * 3 + [(64, 8)] * 3
+    info = replace(net.info, residuals=tuple(layout))
+    manifest = replace(read_manifest(demo_artifact, verify=False), control_residuals=[list(r) for r in layout])
+    fake = type("Net", (), {"info": info})()
+    plan = _plan(control_dir, manifest, fake, control_mode="ControlNet is more important", weight=0.5)
+    kw = plan.at(SIZE, SIZE).kwargs
+    assert kw["guess_mode"] is True and kw["control_scale"] == [0.5] and kw["control"] == [fake]
+    assert _plan(control_dir, manifest, fake, control_mode=0).at(SIZE, SIZE).kwargs["guess_mode"] is False
