@@ -319,3 +319,14 @@ def test_controlnet_is_more_important_is_guess_mode_for_13_residuals(demo_artifa
     kw = plan.at(SIZE, SIZE).kwargs
     assert kw["guess_mode"] is True and kw["control_scale"] == [0.5] and kw["control"] == [fake]
     assert _plan(control_dir, manifest, fake, control_mode=0).at(SIZE, SIZE).kwargs["guess_mode"] is False
+
+
+def test_transparency_is_laid_over_white() -> None:
+    """As the extension's HWC3: a transparent control image pixel is white, an opaque one unchanged."""
+    from runtime.serve.controlnet import rgb
+
+    im = Image.new("RGBA", (2, 1), (10, 20, 30, 255))
+    im.putpixel((1, 0), (10, 20, 30, 0))
+    out = rgb(im)
+    assert (out.getpixel((0, 0)), out.getpixel((1, 0))) == ((10, 20, 30), (255, 255, 255))
+    assert rgb(Image.new("L", (1, 1), 7)).getpixel((0, 0)) == (7, 7, 7)

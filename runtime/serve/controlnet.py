@@ -46,8 +46,9 @@ from runtime.serve.errors import RequestError
 SCRIPT = "controlnet"  # the alwayson_scripts key (A1111 matches it case-insensitively; webuiapi sends "ControlNet")
 MODULES = ("none", "canny")
 MAX_UNITS = 3  # the extension's default unit count ("Multi-ControlNet: max models")
-RESIZE_MODES = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2,  # and the extension's old names
-                "Inner Fit (Scale to Fit)": 1, "Outer Fit (Shrink to Fit)": 2}
+RESIZE_MODES = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2,  # and the extension's aliases
+                "Inner Fit (Scale to Fit)": 1, "Outer Fit (Shrink to Fit)": 2, "Scale to Fit (Inner Fit)": 1,
+                "Envelope (Outer Fit)": 2}
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 GUESS_RESIDUALS = 13  # guess mode's scales match the extension's for this residual count only
 
@@ -256,11 +257,20 @@ def _unit(where: str, i: int, a: dict[str, Any], nets: ControlNets, width: int, 
     elif data in (None, ""):
         raise RequestError(f"{at}.image", "give the control image (base64)")
     else:
-        image = imgs.decode_image(data, f"{at}.image", max_pixels).convert("RGB")
+        image = rgb(imgs.decode_image(data, f"{at}.image", max_pixels))
     if module == "canny":
         image = _canny(where, i, a, image, width, height, resize)
     digest = hashlib.sha256(image.tobytes()).hexdigest()
     return _Unit(model, image, f"{image.size}:{digest}", resize, weight, start, end), mode == CONTROL_MODES[2]
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """The extension's HWC3: RGB, with any transparency laid over white."""
+    if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGB")
+    x = np.asarray(image.convert("RGBA"), dtype=np.float32)
+    alpha = x[..., 3:] / 255.0
+    return Image.fromarray((x[..., :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8))
 
 
 def _canny(where: str, i: int, a: dict[str, Any], image: Image.Image, width: int, height: int,
@@ -285,13 +295,13 @@ def _canny(where: str, i: int, a: dict[str, Any], image: Image.Image, width: int
     if not (a_ < 0 or a_.is_integer()) or not (b_ < 0 or b_.is_integer()) or not 0 <= low <= high <= 1024:
         raise RequestError(f"{at}.threshold_a", f"canny needs whole numbers 0 <= threshold_a <= threshold_b <= 1024, "
                                                  f"got {a_} and {b_}")
-    rgb = np.asarray(image.convert("RGB"))
-    k = res / min(rgb.shape[:2])
-    h, w = max(1, round(rgb.shape[0] * k)), max(1, round(rgb.shape[1] * k))
+    arr = np.asarray(image.convert("RGB"))
+    k = res / min(arr.shape[:2])
+    h, w = max(1, round(arr.shape[0] * k)), max(1, round(arr.shape[1] * k))
     if h * w > 4096 * 4096:
         raise RequestError(f"{at}.processor_res", f"{res} would preprocess a {w}x{h} image; too large")
-    rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
-    padded = np.pad(rgb, [[0, -h % 64], [0, -w % 64], [0, 0]], mode="edge")
+    arr = cv2.resize(arr, (w, h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    padded = np.pad(arr, [[0, -h % 64], [0, -w % 64], [0, 0]], mode="edge")
     return canny(Image.fromarray(padded), low, high).crop((0, 0, w, h))
 
 
