@@ -5,6 +5,7 @@ fields sent at A1111's defaults pass; `restore_faces`, scripts, subseeds, latent
 are refused when set. Samplers: A1111's names (and k-diffusion aliases) of runtime.samplers.SCHEDULERS;
 `sampler_name` wins over `sampler_index`; scheduler "automatic", or "karras" with DPM++ 2M. `eta` is
 DDIM's (A1111's default 0 there); Euler a runs at eta 1 only (A1111's default for ancestral samplers).
+The one always-on script read is the ControlNet extension's (runtime/serve/controlnet.py).
 """
 
 from __future__ import annotations
