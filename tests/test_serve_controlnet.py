@@ -281,13 +281,25 @@ def test_control_dir_option(demo_artifact: Path, control_dir: Path) -> None:
 # ---- the mapping alone (no server): pairing and guess mode -----------------------------------------------
 
 
-def _plan(control_dir: Path, manifest: Any, net: Any, **unit: Any) -> Any:
+def _plan(control_dir: Path, manifest: Any, net: Any, size: int = SIZE, rows: int = 2, **unit: Any) -> Any:
     from runtime.serve import controlnet as cn
 
     nets = cn.ControlNets(control_dir, "cpu")
     nets.load = lambda name: net  # type: ignore[method-assign]
     scripts = {"controlnet": {"args": [{**GOOD_UNIT, "image": _b64(_hint()), **unit}]}}
-    return cn.plan(scripts, nets, manifest, SIZE, SIZE, 2**24)
+    return cn.plan(scripts, nets, manifest, size, size, 2**24, rows=rows)
+
+
+@pytest.mark.parametrize(("size", "rows", "match"), [(320, 2, "320 px is outside"), (SIZE, 10, "10 UNet rows")])
+def test_control_artifact_shape_range_is_checked(demo_artifact: Path, control_dir: Path, net: Any, size: int,
+                                                 rows: int, match: str) -> None:
+    """A size or batch outside the control artifact's range is a 4xx naming the unit's model, before any work."""
+    from runtime.manifest import read_manifest
+    from runtime.serve.errors import RequestError
+
+    with pytest.raises(RequestError, match=match) as e:
+        _plan(control_dir, read_manifest(demo_artifact, verify=False), net, size=size, rows=rows)
+    assert e.value.field == f"{ARGS}[0].model"
 
 
 def test_controlnet_of_another_shape_is_refused(demo_artifact: Path, control_dir: Path) -> None:
@@ -314,7 +326,7 @@ def test_controlnet_is_more_important_is_guess_mode_for_13_residuals(demo_artifa
     layout = [(32, 1)] * 4 + [(64, 2)] * 3 + [(64, 4)] * 3 + [(64, 8)] * 3
     info = replace(net.info, residuals=tuple(layout))
     manifest = replace(read_manifest(demo_artifact, verify=False), control_residuals=[list(r) for r in layout])
-    fake = type("Net", (), {"info": info})()
+    fake = type("Net", (), {"info": info, "check_shape": lambda self, *a: None})()
     plan = _plan(control_dir, manifest, fake, control_mode="ControlNet is more important", weight=0.5)
     kw = plan.at(SIZE, SIZE).kwargs
     assert kw["guess_mode"] is True and kw["control_scale"] == [0.5] and kw["control"] == [fake]

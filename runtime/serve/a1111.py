@@ -279,8 +279,9 @@ def txt2img(req: Txt2ImgRequest, ctx: Context) -> Plan:
 
 def _control(req: Txt2ImgRequest | Img2ImgRequest, ctx: Context, model: Model,
              fallback: Image.Image | None = None) -> cn.ControlPlan | None:
+    rows = (2 if req.cfg_scale > 1.0 else 1) * min(req.batch_size, model.manifest.shapes.max_batch)
     return cn.plan(req.alwayson_scripts, ctx.controlnets, model.manifest, req.width, req.height,
-                   ctx.settings.max_image_pixels, fallback)
+                   ctx.settings.max_image_pixels, fallback, rows)
 
 
 def _hires(req: Txt2ImgRequest, ctx: Context, model: Model, first: str, prompt: str,

@@ -168,9 +168,10 @@ def script_args(alwayson: dict[str, Any]) -> tuple[str, Any] | None:
 
 
 def plan(alwayson: dict[str, Any], nets: ControlNets, model: Manifest, width: int, height: int,
-         max_pixels: int, fallback: Image.Image | None = None) -> ControlPlan | None:
+         max_pixels: int, fallback: Image.Image | None = None, rows: int = 1) -> ControlPlan | None:
     """The enabled ControlNet units of a request, checked, preprocessed and paired with `model` (None: none).
-    `fallback` is img2img's init image, used (as the extension does) by a unit without an image."""
+    `fallback` is img2img's init image, used (as the extension does) by a unit without an image; `rows`
+    the UNet rows of one of its pipeline calls (the control artifact must take them)."""
     found = script_args(alwayson)
     if found is None:
         return None
@@ -196,6 +197,7 @@ def plan(alwayson: dict[str, Any], nets: ControlNets, model: Manifest, width: in
         net = nets.load(unit.model)
         try:
             check_pair(net.info, model_info(model), i)
+            net.check_shape(rows, height, width)
         except ValueError as e:
             raise RequestError(_f(where, i, "model"), str(e)) from None
         if guess_mode and len(net.info.residuals) != GUESS_RESIDUALS:
