@@ -136,6 +136,16 @@ def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device,
     return _onnx(program, device, threads), {}
 
 
+def model_info(m: Manifest) -> ModelInfo:
+    """What a pipeline (and a ControlNet pairing check) knows of an artifact's model, from its manifest."""
+    return ModelInfo(family=m.family, unet_in_channels=m.unet_in_channels, latent_channels=m.latent_channels,
+                     scaling_factor=m.scaling_factor, scheduler_config=m.scheduler_config, name=m.model_name,
+                     hash=m.model_hash, time_ids=m.time_ids, force_upcast=m.force_upcast,
+                     force_zeros_for_empty_prompt=m.force_zeros_for_empty_prompt,
+                     context_widths=tuple(m.context_widths), context_dim=m.context_dim,
+                     control_residuals=tuple((int(c), int(f)) for c, f in m.control_residuals))
+
+
 class ArtifactBackend:
     """A `Backend` over the compiled modules of an artifact (`runtime.manifest.modules_for` its family)."""
 
@@ -146,13 +156,7 @@ class ArtifactBackend:
         self.device = device
         self.dtype = DTYPES[m.dtype]
         self.vae_dtype = DTYPES[m.vae_dtype_name]  # float32 in a half build of a force_upcast model
-        self.info = ModelInfo(family=m.family, unet_in_channels=m.unet_in_channels,
-                              latent_channels=m.latent_channels, scaling_factor=m.scaling_factor,
-                              scheduler_config=m.scheduler_config, name=m.model_name, hash=m.model_hash,
-                              time_ids=m.time_ids, force_zeros_for_empty_prompt=m.force_zeros_for_empty_prompt,
-                              force_upcast=m.force_upcast, context_widths=tuple(m.context_widths),
-                              context_dim=m.context_dim,
-                              control_residuals=tuple((int(c), int(f)) for c, f in m.control_residuals))
+        self.info = model_info(m)
         self.tokenizers = tuple(ClipTokenizer.from_json((root / f).read_text(encoding="utf-8"))
                                 for f in m.tokenizer_files)
         loaded = {name: _load(m.format, root, files, device, self.threads) for name, files in m.modules.items()}

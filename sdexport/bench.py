@@ -26,6 +26,7 @@ from runtime.cpu import use_threads
 from runtime.manifest import DTYPES
 from runtime.pipeline import Pipeline
 from runtime.tokenizer import ClipTokenizer
+from sdexport.bench_control import control_cost, format_control
 from sdexport.models.layers import Kernels
 from sdexport.pipeline import StableDiffusion
 from sdexport.presets import PUBLISHED, SMALL, open_model, preset_config
@@ -49,6 +50,7 @@ class BenchOptions:
     diffusers: bool = True
     torch_compile: bool = False
     threads: int | None = None  # CPU threads of every engine (runtime.cpu.use_threads); None: torch's
+    control: str | None = None  # also the UNet step with one ControlNet (sdexport/bench_control.py)
 
 
 def _sync(device: torch.device) -> None:
@@ -242,6 +244,7 @@ class _Rows:
         self.inp, self.opts, self.height, self.width, self.device, self.log = inp, opts, height, width, device, log
         self.rows: list[dict[str, Any]] = []
         self.reference: dict[str, Tensor] = {}
+        self.artifacts: list[tuple[str, Backend]] = []  # the loaded artifacts, for the ControlNet rows
 
     def record(self, path: str, be: Backend) -> None:
         self.log(f"timing {path} ...")
@@ -270,7 +273,9 @@ def _artifact_rows(rows: _Rows) -> None:
         pipe = runtime.load(art, device=rows.opts.device, threads=rows.opts.threads)
         assert isinstance(pipe.backend, ArtifactBackend)
         rows.log(f"loaded {art} in {time.perf_counter() - t0:.2f}s")
-        rows.record(f"artifact {pipe.backend.manifest.format} ({art})", pipe.backend)
+        path = f"artifact {pipe.backend.manifest.format} ({art})"
+        rows.record(path, pipe.backend)
+        rows.artifacts.append((path, pipe.backend))
 
 
 def _diffusers_rows(sd: StableDiffusion, rows: _Rows) -> None:
@@ -311,7 +316,11 @@ def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
     _artifact_rows(rows)
     if opts.diffusers:
         _diffusers_rows(sd, rows)
-    return {"meta": _meta(opts, device, dtype_name, height, width), "rows": rows.rows}
+    result = {"meta": _meta(opts, device, dtype_name, height, width), "rows": rows.rows}
+    if opts.control:
+        result["control"] = control_cost(sd, rows.inp, opts.control, rows.artifacts, opts.device,
+                                         lambda fn: time_call(fn, device, opts.repeat), height, width, log)
+    return result
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -332,4 +341,6 @@ def format_table(result: dict[str, Any]) -> str:
         worst = max(row["max_abs_diff"].values())
         lines.append(f"{row['path'][:43]:<44}" + "".join(f"{s:>14}" for s in cells) + f"{worst:>12.2e}")
     lines.append("ratios: speed relative to the first row (eager sdpa); >1 is faster")
+    if "control" in result:
+        lines.append(format_control(result["control"]))
     return "\n".join(lines)

@@ -475,18 +475,24 @@ def serve(args: tuple[str, ...]) -> None:
               help="CPU: the side-by-side UNet step / VAE decode table (eager fp32, channels_last, bf16, the "
                    "--artifact paths, OpenVINO on the ONNX artifact; needs openvino), at 1 and all threads "
                    "unless --threads")
+@click.option("--control", default=None, metavar="CN",
+              help="also time the UNet step with one ControlNet: a control artifact, a ControlNet folder or "
+                   "file, or 'random' (mirrors the model's UNet)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @_friendly
 def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, width: int | None,
           height: int | None, steps: int, repeat: int, backends: str, with_diffusers: bool,
-          with_compile: bool, threads: int | None, compare_openvino: bool, json_path: Path | None) -> None:
+          with_compile: bool, threads: int | None, compare_openvino: bool, control: str | None,
+          json_path: Path | None) -> None:
     """Time text encoder, UNet step (CFG batch 2), VAE decode/encode and a whole image, per path."""
     from sdexport.bench import format_table, run_bench
 
     opts = BenchOptions(model=model, artifacts=list(artifacts), device=device, half=half, width=width,
                         height=height, steps=steps, repeat=repeat,
                         backends=[b for b in backends.split(",") if b], diffusers=with_diffusers,
-                        torch_compile=with_compile, threads=threads)
+                        torch_compile=with_compile, threads=threads, control=control)
+    if compare_openvino and control:
+        raise click.UsageError("--control times the ControlNet on the bench's paths, not with --compare-openvino")
     if compare_openvino:
         import os
 

@@ -20,6 +20,12 @@ from sdexport.models.layers import Kernels, set_backend
 __all__ = ["ControlNet", "control_info"]
 
 _XL_TIME_IDS = 6  # SDXL base ControlNets (there are no refiner ones)
+# the diffusers ControlNetModel config keys a UNet config shares (`ControlNet.from_unet_config`)
+_UNET_KEYS = ("in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "block_out_channels",
+              "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn", "norm_num_groups",
+              "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+              "use_linear_projection", "upcast_attention", "addition_embed_type", "addition_time_embed_dim",
+              "projection_class_embeddings_input_dim")
 
 
 def control_info(module: ControlNetModule, family: str, name: str) -> ControlInfo:
@@ -70,6 +76,15 @@ class ControlNet:
         """Random weights from a diffusers config dict."""
         return cls(ControlNetModule(ControlNetConfig.from_diffusers(config)), family or controlnet_family(config),
                    name, config)
+
+    @classmethod
+    def from_unet_config(cls, unet_config: Mapping[str, Any], name: str = "controlnet") -> ControlNet:
+        """Random weights mirroring a UNet's diffusers config (diffusers' `ControlNetModel.from_unet` rule:
+        the encoder half's keys; the first `layers_per_block` when it is a list)."""
+        cfg = {k: unet_config[k] for k in _UNET_KEYS if k in unet_config}
+        if isinstance(cfg.get("layers_per_block"), list):
+            cfg["layers_per_block"] = cfg["layers_per_block"][0]
+        return cls.from_config(cfg, name=name)
 
     @property
     def device(self) -> torch.device:

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_configs
-from serve_helpers import demo_artifact  # noqa: F401  (one session fixture for every serving test module)
+from serve_helpers import demo_artifact, demo_control_artifact  # noqa: F401  (session fixtures, shared)
 
 # Tiny models on a shared 2-core machine: OpenMP threads cost more than they bring.
 torch.set_num_threads(1)

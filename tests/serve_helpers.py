@@ -1,7 +1,7 @@
 """Shared by the serving tests: the demo artifact (built once per session) and a real server on a free
 loopback port.
 
-    from serve_helpers import demo_artifact, start_server   # demo_artifact: a session fixture
+    from serve_helpers import demo_artifact, start_server   # session fixtures: demo_artifact, demo_control_artifact
     srv = start_server([demo_artifact], api_auth="u:p")      # `python -m runtime.serve` in a subprocess
     httpx.get(f"{srv.url}/health"); srv.stop()
 
@@ -55,6 +55,23 @@ def demo_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_artifact(tmp_path_factory.mktemp("serve") / "demo")
 
 
+DEMO_CONTROL = "demo-cn"
+
+
+@pytest.fixture(scope="session")
+def demo_control_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pt2 ControlNet artifact (random weights) mirroring the demo UNet, built once per session in a
+    folder of its own (a --control-dir), named DEMO_CONTROL."""
+    import torch
+
+    from sdexport.controlnet import ControlNet
+    from sdexport.presets import random_pipeline
+
+    torch.manual_seed(3)
+    cn = ControlNet.from_unet_config(dict(random_pipeline("demo").configs.unet), name=DEMO_CONTROL)
+    return cn.export(tmp_path_factory.mktemp("control-dir") / DEMO_CONTROL, overwrite=True, **DEMO_BUILD)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -77,6 +94,7 @@ class ServerHandle:
 def _cli_args(artifacts: Sequence[Path], port: int, settings: dict[str, Any]) -> list[str]:
     args = [str(a) for a in artifacts] + ["--host", "127.0.0.1", "--port", str(port)]
     flags = {"device": "--device", "lora_dir": "--lora-dir", "embeddings_dir": "--embeddings-dir",
+             "control_dir": "--control-dir",
              "api_auth": "--api-auth", "max_queue": "--max-queue", "max_image_pixels": "--max-image-pixels",
              "threads": "--threads"}
     for key, value in settings.items():

@@ -20,6 +20,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--lora-dir", type=Path, default=None, help="where <lora:NAME:w> prompt tags find NAME")
     p.add_argument("--embeddings-dir", type=Path, default=None, help="embeddings named in prompts")
+    p.add_argument("--control-dir", type=Path, default=None,
+                   help="folder of ControlNet artifacts, named by A1111 ControlNet units' `model`")
     p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]", help="HTTP basic auth")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit")
@@ -34,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(artifacts=tuple(args.artifacts), host=args.host, port=args.port, device=args.device,
-                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, api_auth=args.api_auth,
+                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, control_dir=args.control_dir,
+                         api_auth=args.api_auth,
                          max_queue=args.max_queue, batching=args.batching,
                          max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                          threads=args.threads)

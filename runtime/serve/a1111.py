@@ -5,6 +5,7 @@ fields sent at A1111's defaults pass; `restore_faces`, scripts, subseeds, latent
 are refused when set. Samplers: A1111's names (and k-diffusion aliases) of runtime.samplers.SCHEDULERS;
 `sampler_name` wins over `sampler_index`; scheduler "automatic", or "karras" with DPM++ 2M. `eta` is
 DDIM's (A1111's default 0 there); Euler a runs at eta 1 only (A1111's default for ancestral samplers).
+The one always-on script read is the ControlNet extension's (runtime/serve/controlnet.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from runtime.adapters.session import _SUFFIXES, parse_tags
 from runtime.prompt import encode_prompts, schedule_prompts
 from runtime.prompt_steps import composable
 from runtime.samplers import SCHEDULERS
+from runtime.serve import controlnet as cn
 from runtime.serve import images as imgs
 from runtime.serve.errors import RequestError
 from runtime.serve.models import Model, Models
@@ -93,6 +95,7 @@ class Context:
         self.settings = settings
         self.models = models
         self.checkpoint = models.default
+        self.controlnets = cn.ControlNets(settings.control_dir, settings.device)
 
     def options(self) -> dict[str, Any]:
         m = self.models.models[self.checkpoint]
@@ -134,6 +137,8 @@ def _check_common(req: _Request) -> None:
     _refuse("save_images", req.save_images, lambda v: not v, "the server keeps no images; they are returned")
     _refuse("infotext", req.infotext, lambda v: not v, "infotext overrides are not read")
     for name, script in req.alwayson_scripts.items():
+        if name.lower() == cn.SCRIPT:
+            continue  # runtime/serve/controlnet.py
         args = script.get("args") if isinstance(script, dict) else None
         if args not in (None, [], [False]):
             raise RequestError(f"alwayson_scripts.{name}", "no such script on this server")
@@ -222,8 +227,12 @@ def _chunks(model: Model, prompt: str, negative: str, steps: int, syntax: str) -
 def _units(kind: str, model: Model, prompt: str, negative: str, seeds: list[int], scale: float,
            kwargs: dict[str, Any], batch_size: int, key: Hashable | None,
            images: list[Image.Image] | None = None, mask: Image.Image | None = None,
-           post: Callable[[Images], Images] | None = None) -> list[Unit]:
-    """n_iter x batch_size images in calls of at most the model's max_batch."""
+           post: Callable[[Images], Images] | None = None, control: cn.ControlCall | None = None) -> list[Unit]:
+    """n_iter x batch_size images in calls of at most the model's max_batch (with `control`: its
+    ControlNet keywords, and only batched with the same ControlNet setup)."""
+    if control is not None:
+        kwargs = {**kwargs, **control.kwargs}
+        key = None if key is None else (key, control.key)
     step = min(batch_size, model.manifest.shapes.max_batch)
     out = []
     for start in range(0, len(seeds), batch_size):
@@ -257,12 +266,22 @@ def txt2img(req: Txt2ImgRequest, ctx: Context) -> Plan:
                   emphasis=emphasis)
     key = (model.name, "txt2img", req.width, req.height, req.steps, ours, eta, req.cfg_scale > 1.0, chunks, tags,
            syntax, emphasis)
+    control = _control(req, ctx, model)
+    if control is not None and req.enable_hr:
+        raise RequestError("enable_hr", "hires fix with ControlNet is not supported on this server")
     units = _units("txt2img", model, prompt, req.negative_prompt, seeds, req.cfg_scale, kwargs, req.batch_size,
-                   key)
+                   key, control=None if control is None else control.at(req.width, req.height))
     then = _hires(req, ctx, model, ours, prompt, seeds) if req.enable_hr else None
     strength = req.denoising_strength if req.enable_hr else None
     return Plan(Job(units, then), model, seeds, ours, req.prompt, req.negative_prompt, strength, req.width,
                 req.height, [])
+
+
+def _control(req: Txt2ImgRequest | Img2ImgRequest, ctx: Context, model: Model,
+             fallback: Image.Image | None = None) -> cn.ControlPlan | None:
+    rows = (2 if req.cfg_scale > 1.0 else 1) * min(req.batch_size, model.manifest.shapes.max_batch)
+    return cn.plan(req.alwayson_scripts, ctx.controlnets, model.manifest, req.width, req.height,
+                   ctx.settings.max_image_pixels, fallback, rows)
 
 
 def _hires(req: Txt2ImgRequest, ctx: Context, model: Model, first: str, prompt: str,
@@ -340,18 +359,21 @@ def img2img(req: Img2ImgRequest, ctx: Context) -> Plan:
                  for i, d in enumerate(req.init_images)]
     seeds = _seeds(req)
     kwargs = dict(steps=req.steps, scheduler=ours, eta=eta, strength=strength, syntax=syntax, emphasis=emphasis)
+    control = _control(req, ctx, model, originals[0])
     if req.mask is None:
         inits = [imgs.resize(im, req.width, req.height, req.resize_mode) for im in originals]
         units = _units("img2img", model, prompt, req.negative_prompt, seeds, req.cfg_scale, kwargs,
-                       req.batch_size, None, inits)
+                       req.batch_size, None, inits, control=None if control is None else control.at(req.width,
+                                                                                                     req.height))
     else:
-        units = _inpaint_units(req, ctx, model, prompt, seeds, kwargs, originals)
+        units = _inpaint_units(req, ctx, model, prompt, seeds, kwargs, originals, control)
     return Plan(Job(units), model, seeds, ours, req.prompt, req.negative_prompt, strength, req.width, req.height,
                 list(req.init_images) if req.include_init_images else [])
 
 
 def _inpaint_units(req: Img2ImgRequest, ctx: Context, model: Model, prompt: str, seeds: list[int],
-                   kwargs: dict[str, Any], originals: list[Image.Image]) -> list[Unit]:
+                   kwargs: dict[str, Any], originals: list[Image.Image],
+                   control: cn.ControlPlan | None = None) -> list[Unit]:
     """A1111's inpaint: blurred (and maybe inverted) mask; "only masked" crops the mask's box (plus
     padding) and scales it to width x height; "fill" paints the masked area first; the result is laid
     over the original through the blurred mask."""
@@ -379,8 +401,9 @@ def _inpaint_units(req: Img2ImgRequest, ctx: Context, model: Model, prompt: str,
     if req.inpainting_fill == 0:
         crops = [imgs.fill(im, model_mask) for im in crops]
     base_of = {id(c): b for c, b in zip(crops, bases, strict=True)}
+    call = None if control is None else control.at(req.width, req.height, box, size if box is not None else None)
     units = _units("inpaint", model, prompt, req.negative_prompt, seeds, req.cfg_scale, kwargs, req.batch_size,
-                   None, crops, model_mask)
+                   None, crops, model_mask, control=call)
     for u in units:
         assert u.images is not None
         its_bases = [base_of[id(c)] for c in u.images]

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.serve import a1111
+from runtime.serve import a1111, controlnet
 from runtime.serve.errors import QueueFull, RequestError
 from runtime.serve.images import decode_image, encode_png
 from runtime.serve.models import Models
@@ -250,6 +250,14 @@ def _routes(app: FastAPI, server: Server) -> None:
     @app.get("/sdapi/v1/scripts")
     async def scripts() -> dict[str, Any]:
         return {"txt2img": [], "img2img": []}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models() -> dict[str, list[str]]:
+        return controlnet.model_list(ctx.controlnets)
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules() -> dict[str, list[str]]:
+        return controlnet.module_list()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -15,6 +15,7 @@ class ServeSettings:
     device: str = "cpu"  # "cpu" or "cuda"; one worker per server process
     lora_dir: Path | None = None  # `<lora:NAME>` tags resolve to files directly inside it, nowhere else
     embeddings_dir: Path | None = None
+    control_dir: Path | None = None  # ControlNet artifacts, named by their folder directly inside it, nowhere else
     api_auth: str | None = None  # "user:pass[,user2:pass2]" (A1111's --api-auth): HTTP basic on every route but /health
     max_queue: int = 64  # requests waiting (not running); one more answers 503 with Retry-After
     batching: bool = True  # run compatible queued requests in one pipeline call, up to the artifact's max_batch
@@ -40,7 +41,7 @@ class ServeSettings:
                 user, sep, pw = cred.partition(":")
                 if not (sep and user and pw):
                     raise ValueError("api_auth must be 'user:password' (several separated by commas)")
-        for d in (self.lora_dir, self.embeddings_dir):
+        for d in (self.lora_dir, self.embeddings_dir, self.control_dir):
             if d is not None and not Path(d).is_dir():
                 raise ValueError(f"{d}: not a directory")
 
