@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from runtime.prompt_steps import StepCursor, StepText, check_prompt_options, com
 from runtime.samplers import Callback, ModelFn, get_scheduler, make_schedule, sample
 from runtime.schedulers import Schedule, SchedulerConfig, add_noise, initial_latents
 
-__all__ = ["ImageInput", "Output", "Pipeline", "StepCallback", "to_image_tensor", "to_mask_tensor"]
+__all__ = ["ImageInput", "Options", "Output", "Pipeline", "StepCallback", "to_image_tensor", "to_mask_tensor"]
 
 Output = Literal["pil", "tensor"]
 StepCallback = Callable[[int, int], None]  # (model calls done, total) after each model call
@@ -43,6 +43,44 @@ class _Prompts:
 
     syntax: Syntax = "sdfused"
     emphasis: Emphasis = "attention"
+
+
+class Options(TypedDict, total=False):
+    """The keywords text2img / img2img / inpaint share beyond their own; defaults live in the dataclasses
+    each group fills: SizeConditioning (SDXL), _Prompts, ControlArgs (ControlNet)."""
+
+    original_size: Size | None
+    crops_coords_top_left: Size | None
+    target_size: Size | None
+    negative_original_size: Size | None
+    negative_crops_coords_top_left: Size | None
+    negative_target_size: Size | None
+    aesthetic_score: float | None
+    negative_aesthetic_score: float | None
+    syntax: Syntax
+    emphasis: Emphasis
+    control: ControlModel | Sequence[ControlModel] | None
+    control_image: ImageInput | Sequence[ImageInput] | None
+    control_scale: float | Sequence[float]
+    control_start: float | Sequence[float]
+    control_end: float | Sequence[float]
+    guess_mode: bool
+
+
+_GROUPS = (SizeConditioning, _Prompts, ControlArgs)
+
+
+def _split(options: Options) -> tuple[SizeConditioning, _Prompts, ControlArgs]:
+    """The keyword groups of a call, each with its dataclass's defaults; an unknown keyword is a TypeError
+    as with a plain signature (a **kwargs call is not checked by Python itself)."""
+    names = [{f.name for f in fields(group)} for group in _GROUPS]
+    unknown = sorted(set(options) - set().union(*names))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    kw: dict[str, Any] = dict(options)
+    return (SizeConditioning(**{k: v for k, v in kw.items() if k in names[0]}),
+            _Prompts(**{k: v for k, v in kw.items() if k in names[1]}),
+            ControlArgs(**{k: v for k, v in kw.items() if k in names[2]}))
 
 
 @dataclass(frozen=True)
@@ -112,29 +150,11 @@ class Pipeline(AdapterMixin):
         latents: Tensor | None = None,
         output: Output = "pil",
         progress: StepCallback | None = None,
-        original_size: Size | None = None,
-        crops_coords_top_left: Size | None = None,
-        target_size: Size | None = None,
-        negative_original_size: Size | None = None,
-        negative_crops_coords_top_left: Size | None = None,
-        negative_target_size: Size | None = None,
-        aesthetic_score: float | None = None,
-        negative_aesthetic_score: float | None = None,
-        syntax: Syntax = "sdfused",
-        emphasis: Emphasis = "attention",
-        control: ControlModel | Sequence[ControlModel] | None = None,
-        control_image: ImageInput | Sequence[ImageInput] | None = None,
-        control_scale: float | Sequence[float] = 1.0,
-        control_start: float | Sequence[float] = 0.0,
-        control_end: float | Sequence[float] = 1.0,
-        guess_mode: bool = False,
+        **options: Unpack[Options],
     ) -> list[Image.Image] | Tensor:
-        ctl = ControlArgs(control, control_image, control_scale, control_start, control_end, guess_mode)
-        size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
-                                negative_crops_coords_top_left, negative_target_size, aesthetic_score,
-                                negative_aesthetic_score)
+        size, prompts, ctl = _split(options)
         job = self._job(prompt, negative_prompt, steps, scale, height, width, seed, scheduler, eta,
-                        batch_size, 1.0, size, _Prompts(syntax, emphasis), text2img=True)
+                        batch_size, 1.0, size, prompts, text2img=True)
         return self._generate(job, None, None, latents, output, progress, ctl)
 
     def img2img(
@@ -152,31 +172,13 @@ class Pipeline(AdapterMixin):
         batch_size: int = 1,
         output: Output = "pil",
         progress: StepCallback | None = None,
-        original_size: Size | None = None,
-        crops_coords_top_left: Size | None = None,
-        target_size: Size | None = None,
-        negative_original_size: Size | None = None,
-        negative_crops_coords_top_left: Size | None = None,
-        negative_target_size: Size | None = None,
-        aesthetic_score: float | None = None,
-        negative_aesthetic_score: float | None = None,
-        syntax: Syntax = "sdfused",
-        emphasis: Emphasis = "attention",
-        control: ControlModel | Sequence[ControlModel] | None = None,
-        control_image: ImageInput | Sequence[ImageInput] | None = None,
-        control_scale: float | Sequence[float] = 1.0,
-        control_start: float | Sequence[float] = 0.0,
-        control_end: float | Sequence[float] = 1.0,
-        guess_mode: bool = False,
+        **options: Unpack[Options],
     ) -> list[Image.Image] | Tensor:
-        ctl = ControlArgs(control, control_image, control_scale, control_start, control_end, guess_mode)
-        size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
-                                negative_crops_coords_top_left, negative_target_size, aesthetic_score,
-                                negative_aesthetic_score)
+        size, prompts, ctl = _split(options)
         img = to_image_tensor(image, "image")
         batch_size = batch_from(img, batch_size)
         job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
-                        scheduler, eta, batch_size, strength, size, _Prompts(syntax, emphasis), text2img=False)
+                        scheduler, eta, batch_size, strength, size, prompts, text2img=False)
         return self._generate(job, repeat(img, batch_size), None, None, output, progress, ctl)
 
     def inpaint(
@@ -196,27 +198,9 @@ class Pipeline(AdapterMixin):
         latents: Tensor | None = None,
         output: Output = "pil",
         progress: StepCallback | None = None,
-        original_size: Size | None = None,
-        crops_coords_top_left: Size | None = None,
-        target_size: Size | None = None,
-        negative_original_size: Size | None = None,
-        negative_crops_coords_top_left: Size | None = None,
-        negative_target_size: Size | None = None,
-        aesthetic_score: float | None = None,
-        negative_aesthetic_score: float | None = None,
-        syntax: Syntax = "sdfused",
-        emphasis: Emphasis = "attention",
-        control: ControlModel | Sequence[ControlModel] | None = None,
-        control_image: ImageInput | Sequence[ImageInput] | None = None,
-        control_scale: float | Sequence[float] = 1.0,
-        control_start: float | Sequence[float] = 0.0,
-        control_end: float | Sequence[float] = 1.0,
-        guess_mode: bool = False,
+        **options: Unpack[Options],
     ) -> list[Image.Image] | Tensor:
-        ctl = ControlArgs(control, control_image, control_scale, control_start, control_end, guess_mode)
-        size = SizeConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
-                                negative_crops_coords_top_left, negative_target_size, aesthetic_score,
-                                negative_aesthetic_score)
+        size, prompts, ctl = _split(options)
         img = to_image_tensor(image, "image")
         msk = to_mask_tensor(mask)
         if msk.shape[2:] != img.shape[2:]:
@@ -224,7 +208,7 @@ class Pipeline(AdapterMixin):
                              f"{tuple(img.shape[2:])}")
         batch_size = batch_from(img, batch_size)
         job = self._job(prompt, negative_prompt, steps, scale, img.shape[2], img.shape[3], seed,
-                        scheduler, eta, batch_size, strength, size, _Prompts(syntax, emphasis), text2img=False)
+                        scheduler, eta, batch_size, strength, size, prompts, text2img=False)
         return self._generate(job, repeat(img, batch_size), repeat(msk, batch_size), latents, output,
                               progress, ctl)
 

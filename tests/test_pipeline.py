@@ -327,3 +327,15 @@ def test_bad_img2img_and_inpaint_arguments(sd1: StableDiffusion) -> None:
         sd1.img2img(image * 3, "a fox", steps=2)
     with pytest.raises(ValueError, match="multiples of 8"):
         sd1.img2img(torch.rand(1, 3, 60, 64), "a fox", steps=2)
+
+
+def test_unknown_keyword_is_a_type_error(sd1: StableDiffusion) -> None:
+    """The shared keywords arrive as **options (Pipeline.Options): a misspelt one still fails like a plain
+    signature would, on every method, before any work."""
+    image = torch.rand(1, 3, H, W)
+    calls = (lambda: sd1.text2img("a fox", steps=2, guess_mod=True),  # type: ignore[call-arg]
+             lambda: sd1.img2img(image, "a fox", steps=2, control_scales=0.5),  # type: ignore[call-arg]
+             lambda: sd1.inpaint(image, torch.ones(1, 1, H, W), "a fox", steps=2, emphasys="none"))  # type: ignore[call-arg]
+    for call, name in zip(calls, ("guess_mod", "control_scales", "emphasys"), strict=True):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument.*{name}"):
+            call()
