@@ -127,15 +127,22 @@ def test_inpaint_equals_runtime(server: ServerHandle, pipe: runtime.Pipeline, fu
     r = _api(server).img2img(images=[init], mask_image=mask, prompt=PROMPT, seed=9, steps=4,
                              denoising_strength=0.8, width=SIZE, height=SIZE, sampler_name="DDIM", eta=0.0,
                              inpaint_full_res=full_res, inpaint_full_res_padding=4)
-    blurred = imgs.prepare_mask(mask, False, 4, 4)  # webuiapi's mask_blur=4, inpainting_fill=0 ("fill")
+    want, box = _inpaint_local(pipe, init, mask, full_res, PROMPT, strength=0.8, steps=4, scale=7.0, seed=9,
+                               scheduler="ddim")
+    _same(r.images[0], want)
+    if full_res:
+        assert box is not None and box != (0, 0, SIZE, SIZE)
+
+
+def _inpaint_local(pipe: runtime.Pipeline, init: Image.Image, mask: Image.Image, full_res: bool, prompt: str,
+                   **kw: Any) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
+    """A1111's inpaint at SIZE with mask_blur 4, padding 4 and inpainting_fill 0 ("fill"), run locally."""
+    blurred = imgs.prepare_mask(mask, False, 4, 4)
     box = imgs.crop_region(blurred, 4, SIZE, SIZE) if full_res else None
     crop = init if box is None else init.crop(box).resize((SIZE, SIZE), resample=Image.Resampling.LANCZOS)
     m = blurred if box is None else blurred.crop(box).resize((SIZE, SIZE), resample=Image.Resampling.LANCZOS)
-    out = _local(pipe, "inpaint", imgs.fill(crop, m), m, PROMPT, strength=0.8, steps=4, scale=7.0, seed=9,
-                 scheduler="ddim")
-    _same(r.images[0], imgs.paste_back(init, out[0], blurred, box))
-    if full_res:
-        assert box is not None and box != (0, 0, SIZE, SIZE)
+    out = _local(pipe, "inpaint", imgs.fill(crop, m), m, prompt, **kw)
+    return imgs.paste_back(init, out[0], blurred, box), box
 
 
 def test_hires_fix_is_txt2img_then_img2img(server: ServerHandle, pipe: runtime.Pipeline) -> None:
@@ -193,6 +200,66 @@ def test_requests_batched_equal_alone(server: ServerHandle, pipe: runtime.Pipeli
         want = _local(pipe, "text2img", b["prompt"], b["negative_prompt"], steps=8, scale=b["cfg_scale"],
                       height=SIZE, width=SIZE, seed=b["seed"], scheduler="euler")
         _same(got, want[0])
+
+
+def _picture(seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3) if mode == "RGB" else (SIZE, SIZE),
+                                        dtype=np.uint8), mode)
+
+
+def _queued_behind_blocker(srv: ServerHandle, requests: list[tuple[str, dict[str, Any]]]) -> tuple[
+        list[Image.Image], int, int]:
+    """Send `requests` (path, body) while a long job keeps the worker busy -> their first images, and the
+    pipeline calls and units run for them and the blocker."""
+    before = httpx.get(f"{srv.url}/health").json()
+    blocker = {"prompt": "x", "seed": 1, "steps": 40, "width": 128, "height": 128, "sampler_name": "Euler"}
+    with ThreadPoolExecutor(len(requests) + 1) as ex:
+        first = ex.submit(httpx.post, f"{srv.url}/sdapi/v1/txt2img", json=blocker, timeout=300)
+        while httpx.get(f"{srv.url}/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+            time.sleep(0.02)
+        futs = [ex.submit(httpx.post, f"{srv.url}/sdapi/v1/{path}", json=b, timeout=300) for path, b in requests]
+        rs = [f.result() for f in futs]
+        assert first.result().status_code == 200
+    after = httpx.get(f"{srv.url}/health").json()
+    for r in rs:
+        assert r.status_code == 200, r.text
+        assert not json.loads(r.json()["info"])["interrupted"]
+    images: list[Image.Image] = [Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))) for r in rs]
+    calls, units = (int(after[k] - before[k]) for k in ("pipeline_calls", "units_run"))
+    return images, calls, units
+
+
+def test_img2img_inpaint_hires_batched_equal_alone(server: ServerHandle, pipe: runtime.Pipeline) -> None:
+    """img2img, inpaint and the hires fix's second pass batch too: each request its own init image, mask,
+    prompt, seed and CFG scale, and the images it gives alone."""
+    common = {"steps": 4, "width": SIZE, "height": SIZE, "sampler_name": "Euler a", "denoising_strength": 0.6}
+    prompts = [f"{PROMPT} {k}" for k in range(2)]
+    i2i = [{**common, "prompt": prompts[k], "seed": 30 + k, "cfg_scale": 4.0 + k,
+            "init_images": [_b64(_picture(k))]} for k in range(2)]
+    masks = [Image.new("L", (SIZE, SIZE), 0) for _ in range(2)]
+    masks[0].paste(255, (8, 8, 40, 32))
+    masks[1].paste(255, (24, 16, 56, 60))
+    inp = [{**b, "seed": 40 + k, "mask": _b64(masks[k]), "inpaint_full_res": k == 1, "inpaint_full_res_padding": 4}
+           for k, b in enumerate(i2i)]
+    hr = [{**common, "prompt": f"{PROMPT} hr {k}", "seed": 50 + k, "cfg_scale": 5.0 + k, "enable_hr": True,
+           "hr_scale": 2, "hr_upscaler": "Lanczos"} for k in range(2)]
+    requests = [("img2img", b) for b in i2i] + [("img2img", b) for b in inp] + [("txt2img", b) for b in hr]
+    got, calls, units = _queued_behind_blocker(server, requests)
+    assert units == 1 + 2 + 2 + 2 * 2
+    assert calls == 1 + 1 + 1 + 2, "each kind in one call (the hires fix in two)"
+    kw = dict(steps=4, scheduler="euler_a")
+    for k in range(2):
+        want = _local(pipe, "img2img", _picture(k), prompts[k], strength=0.6, scale=4.0 + k, seed=30 + k,
+                      **kw)
+        _same(got[k], want[0])
+        want_inp, _ = _inpaint_local(pipe, _picture(k), masks[k], k == 1, prompts[k], strength=0.6,
+                                     scale=4.0 + k, seed=40 + k, **kw)
+        _same(got[2 + k], want_inp)
+        first = _local(pipe, "text2img", hr[k]["prompt"], height=SIZE, width=SIZE, scale=5.0 + k, seed=50 + k, **kw)
+        up = first[0].resize((2 * SIZE, 2 * SIZE), resample=Image.Resampling.LANCZOS)
+        want = _local(pipe, "img2img", up, hr[k]["prompt"], strength=0.6, scale=5.0 + k, seed=50 + k, **kw)
+        _same(got[4 + k], want[0])
 
 
 def test_interrupt_within_two_steps(server: ServerHandle) -> None:

@@ -4,8 +4,9 @@ A job is one API request: a list of units (one pipeline call's worth of images e
 splits), and for hires fix a follow-up that turns the first pass's images into second-pass units. The
 worker takes the first queued job's next unit and, with batching on, adds the next units of later jobs
 that carry the same batching key (model, size, steps, sampler, ...: `Unit.key`) while the images fit in
-the artifact's max_batch. Every image keeps its own prompt, negative prompt, seed and guidance scale, so
-a batched request gives the images it gives alone. The model runs here, never on the event loop, so
+the artifact's max_batch (txt2img, img2img, inpaint and the hires fix's second pass alike). Every image
+keeps its own prompt, negative prompt, seed, guidance scale, init image and mask, so a batched request
+gives the images it gives alone. The model runs here, never on the event loop, so
 /progress and /interrupt answer while a job runs; /interrupt stops the running call at its next model
 call (the step callback raises) and the jobs in it return the images finished before.
 """
@@ -42,7 +43,7 @@ class Unit:
     scale: float
     kwargs: dict[str, Any]  # steps, height/width (txt2img), scheduler, eta, strength, syntax, emphasis
     images: Images | None = None  # init images (img2img / inpaint), one per image
-    mask: Image.Image | None = None
+    mask: Image.Image | None = None  # inpaint: the mask of all this unit's images
     key: Hashable | None = None  # batching key; None: runs alone
     post: Callable[[Images], Images] | None = None  # applied to this unit's outputs (inpaint overlay)
 
@@ -227,7 +228,6 @@ class Worker:
     def _call(self, units: list[Unit], jobs: list[Job]) -> list[Images]:
         u0 = units[0]
         pipe = self._loader(u0.model)
-        n_total = sum(len(u.prompts) for u in units)
         head = jobs[0]
 
         def step(i: int, total: int) -> None:
@@ -245,15 +245,15 @@ class Worker:
         scales = [u.scale for u in units for _ in u.prompts]
         scale: float | list[float] = scales[0] if len(set(scales)) == 1 else scales
         kw: dict[str, Any] = dict(u0.kwargs, seed=seeds, scale=scale, progress=step, output="pil")
+        inits = [im for u in units for im in (u.images or [])]  # one per image (img2img / inpaint)
         if u0.kind == "txt2img":
             images = pipe.text2img(prompts, negatives, **kw)
         elif u0.kind == "img2img":
-            inits = [im for u in units for im in (u.images or [])]
             images = pipe.img2img(inits, prompts, negatives, **kw)
         else:
-            inits = [im for u in units for im in (u.images or [])]
-            assert u0.mask is not None
-            images = pipe.inpaint(inits, [u0.mask] * n_total, prompts, negatives, **kw)
+            masks = [u.mask for u in units if u.mask is not None for _ in u.prompts]
+            assert len(masks) == len(prompts), "an inpaint unit without its mask"
+            images = pipe.inpaint(inits, masks, prompts, negatives, **kw)
         assert isinstance(images, list)
         self.batches += 1
         self.batched_units += len(units)
