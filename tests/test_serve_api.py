@@ -458,6 +458,53 @@ def test_lora_tags(demo_artifact: Path, tmp_path: Path) -> None:
         srv.stop()
 
 
+# ---- embeddings through the server --------------------------------------------------------------------
+
+def test_embeddings(demo_artifact: Path, tmp_path: Path, pipe: runtime.Pipeline) -> None:
+    """An embedding's file stem in a prompt (--embeddings-dir) gives the image of runtime.load +
+    load_embedding; other words are plain text (A1111), a name never reaches outside the folder, one for
+    another model is a 422; counted as its vectors, a long prompt is not batched with a short one."""
+    import lora_writer as lw
+    import torch
+
+    embs = tmp_path / "embeddings"
+    embs.mkdir()
+    gen = torch.Generator().manual_seed(5)
+    mystyle = lw.a1111_embedding(torch.randn(8, 32, generator=gen), embs / "mystyle.pt", name="mystyle")
+    lw.a1111_embedding(torch.randn(2, 64, generator=gen), embs / "otherfamily.pt", name="otherfamily")
+    lw.a1111_embedding(torch.randn(2, 32, generator=gen), tmp_path / "secret.pt", name="secret")
+    srv = start_server([demo_artifact], embeddings_dir=embs, in_process=True)
+    try:
+        listing = httpx.get(f"{srv.url}/sdapi/v1/embeddings").json()
+        assert listing["loaded"]["mystyle"]["vectors"] == 8 and listing["loaded"]["mystyle"]["shape"] == 32
+        assert list(listing["skipped"]) == ["otherfamily"]
+        for prompt in ("a fox in nostyle", "a fox in ../secret"):  # plain text; the file outside is never read
+            r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**GOOD, "prompt": prompt, "steps": 3}, timeout=60)
+            assert r.status_code == 200, r.text
+            want = _local(pipe, "text2img", prompt, steps=3, scale=7.0, height=SIZE, width=SIZE, seed=1,
+                          scheduler="euler")[0]
+            _same(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))), want)
+            assert "TI hashes" not in r.json()["info"]
+        long_prompt = "a fox in mystyle " + "snow " * 66  # 1 chunk as plain text, 2 with the 8 vectors
+        prompts = [long_prompt, "a fox in the snow", "a fox in mystyle"]
+        bodies = [{**GOOD, "prompt": p, "steps": 3, "seed": 7 + k} for k, p in enumerate(prompts)]
+        plain = _local(pipe, "text2img", prompts[2], steps=3, scale=7.0, height=SIZE, width=SIZE, seed=9,
+                       scheduler="euler")[0]
+        got, calls, units = _queued_behind_blocker(srv, [("txt2img", b) for b in bodies])
+        assert (calls, units) == (3, 4), "the 2-chunk prompt runs alone, the two 1-chunk ones together"
+        pipe.load_embedding(mystyle)  # the module's runtime.load(ART): other tests' prompts do not name it
+        for g, b in zip(got, bodies, strict=True):
+            _same(g, _local(pipe, "text2img", b["prompt"], steps=3, scale=7.0, height=SIZE, width=SIZE,
+                            seed=b["seed"], scheduler="euler")[0])
+        assert "TI hashes" in got[2].info["parameters"]
+        assert np.abs(np.asarray(got[2], dtype=np.int16) - np.asarray(plain, dtype=np.int16)).max() > 0
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**GOOD, "prompt": "a otherfamily fox"}, timeout=60)
+        assert r.status_code == 422 and r.json()["field"] == "prompt" and "otherfamily" in r.json()["detail"]
+        _healthy(srv)
+    finally:
+        srv.stop()
+
+
 def test_several_artifacts(demo_artifact: Path, tmp_path: Path, pipe: runtime.Pipeline) -> None:
     """A folder of artifacts: each is listed, `sd_model_checkpoint` picks one by name or title, only among them."""
     import shutil

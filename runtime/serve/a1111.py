@@ -23,6 +23,7 @@ from runtime.prompt import encode_prompts, schedule_prompts
 from runtime.prompt_steps import composable
 from runtime.samplers import SCHEDULERS
 from runtime.serve import images as imgs
+from runtime.serve.embeddings import Embeddings
 from runtime.serve.errors import RequestError
 from runtime.serve.models import Model, Models
 from runtime.serve.schemas import Img2ImgRequest, Txt2ImgRequest, _Request
@@ -93,6 +94,7 @@ class Context:
         self.settings = settings
         self.models = models
         self.checkpoint = models.default
+        self.embeddings = Embeddings(settings.embeddings_dir)
 
     def options(self) -> dict[str, Any]:
         m = self.models.models[self.checkpoint]
@@ -202,15 +204,16 @@ def _prompt(req: _Request, ctx: Context) -> str:
     return req.prompt
 
 
-def _chunks(model: Model, prompt: str, negative: str, steps: int, syntax: str) -> tuple[int, Hashable]:
+def _chunks(ctx: Context, model: Model, prompt: str, negative: str, steps: int, syntax: str) -> tuple[int, Hashable]:
     """77-token chunk count of the request's texts (batched requests must share it: padding a prompt
-    to more chunks changes its image) and its LoRA tag set."""
+    to more chunks changes its image; an embedding counts as its vectors) and its LoRA tag set."""
     try:
         text, tags = parse_tags(prompt)
         texts, _ = composable([text], syntax)  # type: ignore[arg-type]
         sched = schedule_prompts([negative, texts[0]], steps, decimal_fraction=syntax == "a1111")
-        n = max(encode_prompts(tok, list(sched.texts), syntax=syntax)[0].n_chunks  # type: ignore[arg-type]
-                for tok in model.tokenizers)
+        with ctx.embeddings.tokenizers(model, [text, negative]) as toks:
+            n = max(encode_prompts(tok, list(sched.texts), syntax=syntax)[0].n_chunks  # type: ignore[arg-type]
+                    for tok in toks)
     except ValueError as e:
         raise RequestError("prompt", str(e)) from None
     if n > model.manifest.shapes.max_chunks:
@@ -265,7 +268,7 @@ def _common(req: Txt2ImgRequest | Img2ImgRequest, ctx: Context) -> tuple[Model, 
 def txt2img(req: Txt2ImgRequest, ctx: Context) -> Plan:
     model, ours, eta, prompt = _common(req, ctx)
     syntax, emphasis = ctx.settings.syntax, ctx.settings.emphasis
-    text = _chunks(model, prompt, req.negative_prompt, req.steps, syntax)
+    text = _chunks(ctx, model, prompt, req.negative_prompt, req.steps, syntax)
     seeds = _seeds(req)
     kwargs = dict(steps=req.steps, height=req.height, width=req.width, scheduler=ours, eta=eta, syntax=syntax,
                   emphasis=emphasis)
@@ -312,7 +315,7 @@ def _hires(req: Txt2ImgRequest, ctx: Context, model: Model, first: str, prompt: 
         raise RequestError("hr_second_pass_steps", f"must be within 0..{MAX_STEPS}")
     hr_prompt = req.hr_prompt or prompt
     hr_negative = req.hr_negative_prompt or req.negative_prompt
-    text = _chunks(model, hr_prompt, hr_negative, steps, ctx.settings.syntax)
+    text = _chunks(ctx, model, hr_prompt, hr_negative, steps, ctx.settings.syntax)
     resample = HR_UPSCALERS[req.hr_upscaler]
     kwargs = dict(steps=steps, scheduler=ours, eta=eta, strength=strength, syntax=ctx.settings.syntax,
                   emphasis=ctx.settings.emphasis)
@@ -337,7 +340,7 @@ def _hires(req: Txt2ImgRequest, ctx: Context, model: Model, first: str, prompt: 
 def img2img(req: Img2ImgRequest, ctx: Context) -> Plan:
     model, ours, eta, prompt = _common(req, ctx)
     syntax, emphasis = ctx.settings.syntax, ctx.settings.emphasis
-    text = _chunks(model, prompt, req.negative_prompt, req.steps, syntax)
+    text = _chunks(ctx, model, prompt, req.negative_prompt, req.steps, syntax)
     if not req.init_images:
         raise RequestError("init_images", "give at least one image")
     _refuse("resize_mode", req.resize_mode, lambda v: v in (0, 1), "0 (just resize) or 1 (crop and resize)")
