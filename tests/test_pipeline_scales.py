@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from runtime.pipeline import StopSampling
 from sdexport.presets import random_pipeline
 
 
@@ -55,3 +56,28 @@ def test_per_image_init_and_mask_equal_alone(sd: object, kind: str) -> None:
         one = (inits[i], masks[i]) if kind == "inpaint" else (inits[i],)
         alone = getattr(sd, kind)(*one, prompts[i], negatives[i], scale=scales[i], seed=seeds[i], **kw)
         torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-4, rtol=0)  # batched GEMM round-off
+
+
+@pytest.mark.parametrize("kind", ["text2img", "inpaint"])
+def test_stop_sampling_returns_the_latents_so_far(sd: object, kind: str) -> None:
+    """A progress callback raising StopSampling ends the call with the images of the latents after that
+    model call (the server's /interrupt): stopped at the last call, the images of the full run."""
+    kw = dict(steps=4, scheduler="euler", output="tensor", seed=[3, 4], scale=5.0)
+    head = (_pictures(2, 2), _pictures(2, 3, "L")) if kind == "inpaint" else ()
+    prompts = ["a red fox", "a bird"]
+    size = {} if kind == "inpaint" else {"height": 64, "width": 64}
+    full = getattr(sd, kind)(*head, prompts, **size, **kw)
+    for stop_at in (4, 2):
+        calls: list[int] = []
+
+        def progress(i: int, total: int, stop_at: int = stop_at, calls: list[int] = calls) -> None:
+            calls.append(i)
+            if i == stop_at:
+                raise StopSampling
+
+        out = getattr(sd, kind)(*head, prompts, **size, progress=progress, **kw)
+        assert calls == list(range(1, stop_at + 1)) and out.shape == full.shape
+        if stop_at == 4:
+            torch.testing.assert_close(out, full, atol=0, rtol=0)
+        else:
+            assert (out - full).abs().max().item() > 1e-3  # stopped early: not the finished images

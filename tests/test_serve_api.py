@@ -279,8 +279,32 @@ def test_interrupt_within_two_steps(server: ServerHandle) -> None:
     info = result["r"].info
     assert info["interrupted"] is True
     assert info["model_calls_run"] <= seen + 2, (seen, info["model_calls_run"])
+    assert [im.size for im in result["r"].images] == [(256, 256)]  # A1111: the stopped call's image
     _healthy(server)
     assert api.txt2img(prompt="after", seed=1, steps=2, width=SIZE, height=SIZE).image is not None
+
+
+def test_interrupt_returns_the_images_so_far(server: ServerHandle) -> None:
+    """n_iter 3 of 4 images, interrupted in the second call: the first call's images and the stopped
+    call's (decoded from its latents as they are), not the third's; later requests run normally."""
+    body = {"prompt": PROMPT, "seed": 60, "steps": 30, "width": SIZE, "height": SIZE, "batch_size": 4, "n_iter": 3}
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(httpx.post, f"{server.url}/sdapi/v1/txt2img", json=body, timeout=300)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            p = httpx.get(f"{server.url}/sdapi/v1/progress").json()
+            if p["progress"] > 1 / 3 and p["state"]["sampling_step"] >= 2:
+                break
+            time.sleep(0.02)
+        assert httpx.post(f"{server.url}/sdapi/v1/interrupt").status_code == 200
+        r = fut.result()
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["interrupted"] is True and len(r.json()["images"]) == 8
+    first = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    alone = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "n_iter": 1}, timeout=300)
+    assert not json.loads(alone.json()["info"])["interrupted"] and len(alone.json()["images"]) == 4
+    _same(first, Image.open(io.BytesIO(base64.b64decode(alone.json()["images"][0]))))
 
 
 def test_client_disconnect_does_not_wedge(server: ServerHandle) -> None:
