@@ -67,13 +67,12 @@ class Embeddings:
                 if not _fits(emb, model.manifest.encoder_widths):
                     raise RequestError("prompt", f"embedding {stem!r} is not for model {model.name!r} "
                                                  "(see /sdapi/v1/embeddings, `skipped`)")
-                for tok in model.tokenizers:
-                    have = tok.added.get(emb.token)
-                    if have is None and tok.taken(emb.token, emb.num_vectors):
-                        raise RequestError("prompt", f"embedding {stem!r}: {emb.token!r} is a word of the "
-                                                     "tokenizer already")
-                    if have is None:
-                        tok.add_tokens(emb.token, emb.num_vectors)
+                new = [tok for tok in model.tokenizers if tok.added.get(emb.token) is None]
+                if any(tok.taken(emb.token, emb.num_vectors) for tok in new):  # every check before a change
+                    raise RequestError("prompt", f"embedding {stem!r}: {emb.token!r} is a word of the tokenizer "
+                                                 "already")
+                for tok in new:
+                    tok.add_tokens(emb.token, emb.num_vectors)
             yield model.tokenizers
 
     def _embedding(self, path: Path) -> Embedding | str:
