@@ -57,14 +57,17 @@ def run_mode(art: Path, batching: bool, requests: int, concurrency: int, size: i
 
     srv = _helpers().start_server([art], batching=batching, max_queue=max(64, concurrency * 2))
     try:
-        def one(k: int) -> tuple[int, float]:
-            body: dict[str, Any] = {"prompt": f"a red fox number {k}", "seed": k, "steps": steps, "width": size,
+        def one(k: int) -> tuple[int, float]:  # k < 0: warm-up requests (seeds from 1000000 up)
+            seed = k if k >= 0 else 10**6 - k
+            body: dict[str, Any] = {"prompt": f"a red fox number {k}", "seed": seed, "steps": steps, "width": size,
                                     "height": size, "sampler_name": "Euler", "cfg_scale": 5.0 + k % 3}
             if kind == "img2img":
-                body.update(init_images=[_init_image(size, k)], denoising_strength=0.75)
+                body.update(init_images=[_init_image(size, seed)], denoising_strength=0.75)
             t0 = time.perf_counter()
             r = httpx.post(f"{srv.url}/sdapi/v1/{'img2img' if kind == 'img2img' else 'txt2img'}", json=body,
                            timeout=600)
+            if k < 0 and r.status_code != 200:
+                raise RuntimeError(f"warm-up request failed: {r.status_code} {r.text}")
             return r.status_code, time.perf_counter() - t0
 
         with ThreadPoolExecutor(concurrency) as ex:
