@@ -165,7 +165,7 @@ class ArtifactBackend:
         self._weights = {name: w for name, (_, w) in loaded.items() if name in ADAPTER_COMPONENTS}
         self._encoders = [(name, calls[name]) for name in TEXT_ENCODERS[m.family]]
         names = TEXT_ENCODERS[m.family]
-        widths = dict(zip(names, m.context_widths or [m.context_dim], strict=True)) if m.token_tables else {}
+        widths = m.encoder_widths if m.token_tables else {}
         self._tokens = TokenTables(root, m.token_tables, dict(zip(names, self.tokenizers, strict=True)), widths,
                                    device)  # empty for artifacts whose encoders take ids (format 1)
         self._decode: Call = calls["vae_decoder"]

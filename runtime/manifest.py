@@ -107,6 +107,11 @@ class Manifest:
         return tuple(by_encoder[name] for name in TEXT_ENCODERS[self.family])
 
     @property
+    def encoder_widths(self) -> dict[str, int]:
+        """Text encoder -> its hidden size (the width of its token vectors)."""
+        return dict(zip(TEXT_ENCODERS[self.family], self.context_widths or [self.context_dim], strict=True))
+
+    @property
     def token_tables(self) -> dict[str, str]:
         """Text encoder -> its token-table file; {} for artifacts whose encoders take ids (built before)."""
         return {name: self.modules[name]["tokens"] for name in TEXT_ENCODERS[self.family]

@@ -30,11 +30,22 @@ from runtime.prompt_steps import StepCursor, StepText, check_prompt_options, com
 from runtime.samplers import Callback, ModelFn, get_scheduler, make_schedule, sample
 from runtime.schedulers import Schedule, SchedulerConfig, add_noise, initial_latents
 
-__all__ = ["ImageInput", "Options", "Output", "Pipeline", "StepCallback", "to_image_tensor", "to_mask_tensor"]
+__all__ = ["ImageInput", "Options", "Output", "Pipeline", "StepCallback", "StopSampling", "to_image_tensor",
+           "to_mask_tensor"]
 
 Output = Literal["pil", "tensor"]
 StepCallback = Callable[[int, int], None]  # (model calls done, total) after each model call
 Shape = tuple[int, int, int, int]
+
+
+class StopSampling(Exception):
+    """Raised by a `progress` callback to end sampling early: the call returns the images of the latents
+    as they are after that model call (A1111's interrupt; noisy when stopped early)."""
+
+
+class _Stopped(Exception):
+    def __init__(self, latents: Tensor) -> None:
+        self.latents = latents
 
 
 @dataclass(frozen=True)
@@ -269,7 +280,10 @@ class Pipeline(AdapterMixin):
             return _draw(gens, shape).to(self.backend.device)
 
         with torch.inference_mode():
-            x = sample(schedule, model, x, noise_fn, job.eta, callback)
+            try:
+                x = sample(schedule, model, x, noise_fn, job.eta, callback)
+            except _Stopped as stop:
+                x = stop.latents
         return self._decode(x, job, output)
 
     def _check_request(self, job: _Job, mask: Tensor | None, latents: Tensor | None, guided: bool) -> Shape:
@@ -419,9 +433,13 @@ def _step_callback(total: int, progress: StepCallback | None, blend: Callback | 
                    cursor: StepCursor) -> Callback:
     def callback(i: int, x: Tensor) -> Tensor:
         cursor.after_call(i)
+        x = x if blend is None else blend(i, x)
         if progress is not None:
-            progress(i + 1, total)
-        return x if blend is None else blend(i, x)
+            try:
+                progress(i + 1, total)
+            except StopSampling:
+                raise _Stopped(x) from None
+        return x
 
     return callback
 

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/bench_serve.py ART --requests 120 --concurrency 8 --size 64 --steps 8
     python scripts/bench_serve.py --demo --requests 120 --concurrency 8     # builds the demo artifact first
+    python scripts/bench_serve.py ART --kind img2img                         # a random init image per request
 
 Each mode starts a fresh server subprocess on a free loopback port, warms it up, then sends `--requests`
 txt2img requests (distinct prompts and seeds, one image each) from `--concurrency` client threads. The
@@ -37,17 +38,36 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _init_image(size: int, k: int) -> str:
+    """A size x size PNG of random pixels (one per request), base64."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(k).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def run_mode(art: Path, batching: bool, requests: int, concurrency: int, size: int, steps: int,
-             warmup: int) -> dict[str, Any]:
+             warmup: int, kind: str = "txt2img") -> dict[str, Any]:
     import httpx
 
     srv = _helpers().start_server([art], batching=batching, max_queue=max(64, concurrency * 2))
     try:
-        def one(k: int) -> tuple[int, float]:
-            body = {"prompt": f"a red fox number {k}", "seed": k, "steps": steps, "width": size, "height": size,
-                    "sampler_name": "Euler", "cfg_scale": 5.0 + k % 3}
+        def one(k: int) -> tuple[int, float]:  # k < 0: warm-up requests (seeds from 1000000 up)
+            seed = k if k >= 0 else 10**6 - k
+            body: dict[str, Any] = {"prompt": f"a red fox number {k}", "seed": seed, "steps": steps, "width": size,
+                                    "height": size, "sampler_name": "Euler", "cfg_scale": 5.0 + k % 3}
+            if kind == "img2img":
+                body.update(init_images=[_init_image(size, seed)], denoising_strength=0.75)
             t0 = time.perf_counter()
-            r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json=body, timeout=600)
+            r = httpx.post(f"{srv.url}/sdapi/v1/{'img2img' if kind == 'img2img' else 'txt2img'}", json=body,
+                           timeout=600)
+            if k < 0 and r.status_code != 200:
+                raise RuntimeError(f"warm-up request failed: {r.status_code} {r.text}")
             return r.status_code, time.perf_counter() - t0
 
         with ThreadPoolExecutor(concurrency) as ex:
@@ -82,6 +102,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=16)
+    p.add_argument("--kind", choices=("txt2img", "img2img"), default="txt2img",
+                   help="img2img: a random init image per request, denoising strength 0.75")
     p.add_argument("--rounds", type=int, default=1, help="alternate off/on this many times; report medians")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
@@ -92,11 +114,11 @@ def main() -> None:
     else:
         art = a.artifact
     # off, on, off, on, ...: a shared machine's load drifts; each mode's median round is reported
-    rounds = [[run_mode(art, b, a.requests, a.concurrency, a.size, a.steps, a.warmup) for b in (False, True)]
+    rounds = [[run_mode(art, b, a.requests, a.concurrency, a.size, a.steps, a.warmup, a.kind) for b in (False, True)]
               for _ in range(a.rounds)]
     rows = [sorted((r[m] for r in rounds), key=lambda x: x["req_per_s"])[(a.rounds - 1) // 2] for m in (0, 1)]
     ratios = [r[1]["req_per_s"] / r[0]["req_per_s"] for r in rounds]
-    print(f"{a.requests} txt2img requests, {a.concurrency} concurrent clients, {a.size}x{a.size}, {a.steps} Euler "
+    print(f"{a.requests} {a.kind} requests, {a.concurrency} concurrent clients, {a.size}x{a.size}, {a.steps} Euler "
           f"steps, CFG on\n")
     print("| batching | req/s | p50 s | p95 s | images per call | 200 / 503 / other | server RSS MB (warm -> end) "
           "| worker busy | s per call |")

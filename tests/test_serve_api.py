@@ -127,15 +127,22 @@ def test_inpaint_equals_runtime(server: ServerHandle, pipe: runtime.Pipeline, fu
     r = _api(server).img2img(images=[init], mask_image=mask, prompt=PROMPT, seed=9, steps=4,
                              denoising_strength=0.8, width=SIZE, height=SIZE, sampler_name="DDIM", eta=0.0,
                              inpaint_full_res=full_res, inpaint_full_res_padding=4)
-    blurred = imgs.prepare_mask(mask, False, 4, 4)  # webuiapi's mask_blur=4, inpainting_fill=0 ("fill")
+    want, box = _inpaint_local(pipe, init, mask, full_res, PROMPT, strength=0.8, steps=4, scale=7.0, seed=9,
+                               scheduler="ddim")
+    _same(r.images[0], want)
+    if full_res:
+        assert box is not None and box != (0, 0, SIZE, SIZE)
+
+
+def _inpaint_local(pipe: runtime.Pipeline, init: Image.Image, mask: Image.Image, full_res: bool, prompt: str,
+                   **kw: Any) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
+    """A1111's inpaint at SIZE with mask_blur 4, padding 4 and inpainting_fill 0 ("fill"), run locally."""
+    blurred = imgs.prepare_mask(mask, False, 4, 4)
     box = imgs.crop_region(blurred, 4, SIZE, SIZE) if full_res else None
     crop = init if box is None else init.crop(box).resize((SIZE, SIZE), resample=Image.Resampling.LANCZOS)
     m = blurred if box is None else blurred.crop(box).resize((SIZE, SIZE), resample=Image.Resampling.LANCZOS)
-    out = _local(pipe, "inpaint", imgs.fill(crop, m), m, PROMPT, strength=0.8, steps=4, scale=7.0, seed=9,
-                 scheduler="ddim")
-    _same(r.images[0], imgs.paste_back(init, out[0], blurred, box))
-    if full_res:
-        assert box is not None and box != (0, 0, SIZE, SIZE)
+    out = _local(pipe, "inpaint", imgs.fill(crop, m), m, prompt, **kw)
+    return imgs.paste_back(init, out[0], blurred, box), box
 
 
 def test_hires_fix_is_txt2img_then_img2img(server: ServerHandle, pipe: runtime.Pipeline) -> None:
@@ -195,6 +202,66 @@ def test_requests_batched_equal_alone(server: ServerHandle, pipe: runtime.Pipeli
         _same(got, want[0])
 
 
+def _picture(seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3) if mode == "RGB" else (SIZE, SIZE),
+                                        dtype=np.uint8), mode)
+
+
+def _queued_behind_blocker(srv: ServerHandle, requests: list[tuple[str, dict[str, Any]]]) -> tuple[
+        list[Image.Image], int, int]:
+    """Send `requests` (path, body) while a long job keeps the worker busy -> their first images, and the
+    pipeline calls and units run for them and the blocker."""
+    before = httpx.get(f"{srv.url}/health").json()
+    blocker = {"prompt": "x", "seed": 1, "steps": 40, "width": 128, "height": 128, "sampler_name": "Euler"}
+    with ThreadPoolExecutor(len(requests) + 1) as ex:
+        first = ex.submit(httpx.post, f"{srv.url}/sdapi/v1/txt2img", json=blocker, timeout=300)
+        while httpx.get(f"{srv.url}/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+            time.sleep(0.02)
+        futs = [ex.submit(httpx.post, f"{srv.url}/sdapi/v1/{path}", json=b, timeout=300) for path, b in requests]
+        rs = [f.result() for f in futs]
+        assert first.result().status_code == 200
+    after = httpx.get(f"{srv.url}/health").json()
+    for r in rs:
+        assert r.status_code == 200, r.text
+        assert not json.loads(r.json()["info"])["interrupted"]
+    images: list[Image.Image] = [Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))) for r in rs]
+    calls, units = (int(after[k] - before[k]) for k in ("pipeline_calls", "units_run"))
+    return images, calls, units
+
+
+def test_img2img_inpaint_hires_batched_equal_alone(server: ServerHandle, pipe: runtime.Pipeline) -> None:
+    """img2img, inpaint and the hires fix's second pass batch too: each request its own init image, mask,
+    prompt, seed and CFG scale, and the images it gives alone."""
+    common = {"steps": 4, "width": SIZE, "height": SIZE, "sampler_name": "Euler a", "denoising_strength": 0.6}
+    prompts = [f"{PROMPT} {k}" for k in range(2)]
+    i2i = [{**common, "prompt": prompts[k], "seed": 30 + k, "cfg_scale": 4.0 + k,
+            "init_images": [_b64(_picture(k))]} for k in range(2)]
+    masks = [Image.new("L", (SIZE, SIZE), 0) for _ in range(2)]
+    masks[0].paste(255, (8, 8, 40, 32))
+    masks[1].paste(255, (24, 16, 56, 60))
+    inp = [{**b, "seed": 40 + k, "mask": _b64(masks[k]), "inpaint_full_res": k == 1, "inpaint_full_res_padding": 4}
+           for k, b in enumerate(i2i)]
+    hr = [{**common, "prompt": f"{PROMPT} hr {k}", "seed": 50 + k, "cfg_scale": 5.0 + k, "enable_hr": True,
+           "hr_scale": 2, "hr_upscaler": "Lanczos"} for k in range(2)]
+    requests = [("img2img", b) for b in i2i] + [("img2img", b) for b in inp] + [("txt2img", b) for b in hr]
+    got, calls, units = _queued_behind_blocker(server, requests)
+    assert units == 1 + 2 + 2 + 2 * 2
+    assert calls == 1 + 1 + 1 + 2, "each kind in one call (the hires fix in two)"
+    kw = dict(steps=4, scheduler="euler_a")
+    for k in range(2):
+        want = _local(pipe, "img2img", _picture(k), prompts[k], strength=0.6, scale=4.0 + k, seed=30 + k,
+                      **kw)
+        _same(got[k], want[0])
+        want_inp, _ = _inpaint_local(pipe, _picture(k), masks[k], k == 1, prompts[k], strength=0.6,
+                                     scale=4.0 + k, seed=40 + k, **kw)
+        _same(got[2 + k], want_inp)
+        first = _local(pipe, "text2img", hr[k]["prompt"], height=SIZE, width=SIZE, scale=5.0 + k, seed=50 + k, **kw)
+        up = first[0].resize((2 * SIZE, 2 * SIZE), resample=Image.Resampling.LANCZOS)
+        want = _local(pipe, "img2img", up, hr[k]["prompt"], strength=0.6, scale=5.0 + k, seed=50 + k, **kw)
+        _same(got[4 + k], want[0])
+
+
 def test_interrupt_within_two_steps(server: ServerHandle) -> None:
     api = _api(server)
     result: dict[str, Any] = {}
@@ -212,8 +279,32 @@ def test_interrupt_within_two_steps(server: ServerHandle) -> None:
     info = result["r"].info
     assert info["interrupted"] is True
     assert info["model_calls_run"] <= seen + 2, (seen, info["model_calls_run"])
+    assert [im.size for im in result["r"].images] == [(256, 256)]  # A1111: the stopped call's image
     _healthy(server)
     assert api.txt2img(prompt="after", seed=1, steps=2, width=SIZE, height=SIZE).image is not None
+
+
+def test_interrupt_returns_the_images_so_far(server: ServerHandle) -> None:
+    """n_iter 3 of 4 images, interrupted in the second call: the first call's images and the stopped
+    call's (decoded from its latents as they are), not the third's; later requests run normally."""
+    body = {"prompt": PROMPT, "seed": 60, "steps": 30, "width": SIZE, "height": SIZE, "batch_size": 4, "n_iter": 3}
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(httpx.post, f"{server.url}/sdapi/v1/txt2img", json=body, timeout=300)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            p = httpx.get(f"{server.url}/sdapi/v1/progress").json()
+            if p["progress"] > 1 / 3 and p["state"]["sampling_step"] >= 2:
+                break
+            time.sleep(0.02)
+        assert httpx.post(f"{server.url}/sdapi/v1/interrupt").status_code == 200
+        r = fut.result()
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["interrupted"] is True and len(r.json()["images"]) == 8
+    first = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    alone = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "n_iter": 1}, timeout=300)
+    assert not json.loads(alone.json()["info"])["interrupted"] and len(alone.json()["images"]) == 4
+    _same(first, Image.open(io.BytesIO(base64.b64decode(alone.json()["images"][0]))))
 
 
 def test_client_disconnect_does_not_wedge(server: ServerHandle) -> None:
@@ -387,6 +478,53 @@ def test_lora_tags(demo_artifact: Path, tmp_path: Path) -> None:
             r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**GOOD, "prompt": bad}, timeout=60)
             assert r.status_code == 422 and "LoRA" in r.json()["detail"], r.text
             _healthy(srv)
+    finally:
+        srv.stop()
+
+
+# ---- embeddings through the server --------------------------------------------------------------------
+
+def test_embeddings(demo_artifact: Path, tmp_path: Path, pipe: runtime.Pipeline) -> None:
+    """An embedding's file stem in a prompt (--embeddings-dir) gives the image of runtime.load +
+    load_embedding; other words are plain text (A1111), a name never reaches outside the folder, one for
+    another model is a 422; counted as its vectors, a long prompt is not batched with a short one."""
+    import lora_writer as lw
+    import torch
+
+    embs = tmp_path / "embeddings"
+    embs.mkdir()
+    gen = torch.Generator().manual_seed(5)
+    mystyle = lw.a1111_embedding(torch.randn(8, 32, generator=gen), embs / "mystyle.pt", name="mystyle")
+    lw.a1111_embedding(torch.randn(2, 64, generator=gen), embs / "otherfamily.pt", name="otherfamily")
+    lw.a1111_embedding(torch.randn(2, 32, generator=gen), tmp_path / "secret.pt", name="secret")
+    srv = start_server([demo_artifact], embeddings_dir=embs, in_process=True)
+    try:
+        listing = httpx.get(f"{srv.url}/sdapi/v1/embeddings").json()
+        assert listing["loaded"]["mystyle"]["vectors"] == 8 and listing["loaded"]["mystyle"]["shape"] == 32
+        assert list(listing["skipped"]) == ["otherfamily"]
+        for prompt in ("a fox in nostyle", "a fox in ../secret"):  # plain text; the file outside is never read
+            r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**GOOD, "prompt": prompt, "steps": 3}, timeout=60)
+            assert r.status_code == 200, r.text
+            want = _local(pipe, "text2img", prompt, steps=3, scale=7.0, height=SIZE, width=SIZE, seed=1,
+                          scheduler="euler")[0]
+            _same(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))), want)
+            assert "TI hashes" not in r.json()["info"]
+        long_prompt = "a fox in mystyle " + "snow " * 66  # 1 chunk as plain text, 2 with the 8 vectors
+        prompts = [long_prompt, "a fox in the snow", "a fox in mystyle"]
+        bodies = [{**GOOD, "prompt": p, "steps": 3, "seed": 7 + k} for k, p in enumerate(prompts)]
+        plain = _local(pipe, "text2img", prompts[2], steps=3, scale=7.0, height=SIZE, width=SIZE, seed=9,
+                       scheduler="euler")[0]
+        got, calls, units = _queued_behind_blocker(srv, [("txt2img", b) for b in bodies])
+        assert (calls, units) == (3, 4), "the 2-chunk prompt runs alone, the two 1-chunk ones together"
+        pipe.load_embedding(mystyle)  # the module's runtime.load(ART): other tests' prompts do not name it
+        for g, b in zip(got, bodies, strict=True):
+            _same(g, _local(pipe, "text2img", b["prompt"], steps=3, scale=7.0, height=SIZE, width=SIZE,
+                            seed=b["seed"], scheduler="euler")[0])
+        assert "TI hashes" in got[2].info["parameters"]
+        assert np.abs(np.asarray(got[2], dtype=np.int16) - np.asarray(plain, dtype=np.int16)).max() > 0
+        r = httpx.post(f"{srv.url}/sdapi/v1/txt2img", json={**GOOD, "prompt": "a otherfamily fox"}, timeout=60)
+        assert r.status_code == 422 and r.json()["field"] == "prompt" and "otherfamily" in r.json()["detail"]
+        _healthy(srv)
     finally:
         srv.stop()
 

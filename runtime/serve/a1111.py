@@ -25,6 +25,7 @@ from runtime.prompt_steps import composable
 from runtime.samplers import SCHEDULERS
 from runtime.serve import controlnet as cn
 from runtime.serve import images as imgs
+from runtime.serve.embeddings import Embeddings
 from runtime.serve.errors import RequestError
 from runtime.serve.models import Model, Models
 from runtime.serve.schemas import Img2ImgRequest, Txt2ImgRequest, _Request
@@ -96,6 +97,7 @@ class Context:
         self.models = models
         self.checkpoint = models.default
         self.controlnets = cn.ControlNets(settings.control_dir, settings.device)
+        self.embeddings = Embeddings(settings.embeddings_dir)
 
     def options(self) -> dict[str, Any]:
         m = self.models.models[self.checkpoint]
@@ -207,21 +209,36 @@ def _prompt(req: _Request, ctx: Context) -> str:
     return req.prompt
 
 
-def _chunks(model: Model, prompt: str, negative: str, steps: int, syntax: str) -> tuple[int, Hashable]:
+def _chunks(ctx: Context, model: Model, prompt: str, negative: str, steps: int, syntax: str) -> tuple[int, Hashable]:
     """77-token chunk count of the request's texts (batched requests must share it: padding a prompt
-    to more chunks changes its image) and its LoRA tag set."""
+    to more chunks changes its image; an embedding counts as its vectors) and its LoRA tag set."""
     try:
         text, tags = parse_tags(prompt)
         texts, _ = composable([text], syntax)  # type: ignore[arg-type]
         sched = schedule_prompts([negative, texts[0]], steps, decimal_fraction=syntax == "a1111")
-        n = max(encode_prompts(tok, list(sched.texts), syntax=syntax)[0].n_chunks  # type: ignore[arg-type]
-                for tok in model.tokenizers)
+        with ctx.embeddings.tokenizers(model, [text, negative]) as toks:
+            n = max(encode_prompts(tok, list(sched.texts), syntax=syntax)[0].n_chunks  # type: ignore[arg-type]
+                    for tok in toks)
     except ValueError as e:
         raise RequestError("prompt", str(e)) from None
     if n > model.manifest.shapes.max_chunks:
         raise RequestError("prompt", f"too long: {n} chunks of 75 tokens, model {model.name!r} takes at most "
                                      f"{model.manifest.shapes.max_chunks}")
     return n, tuple(tags)
+
+
+def _key(kind: str, model: Model, width: int, height: int, scale: float, kwargs: dict[str, Any],
+         text: Hashable) -> Hashable:
+    """The batching key: units run in one call only when everything the call shares is equal: the kind,
+    model, image size, the pipeline keywords (steps, sampler, eta, strength, prompt options), guidance on
+    or off, and `text` (chunk count and LoRA tags, `_chunks`). Init images, masks, prompts, seeds and CFG
+    scales are per image. Keywords that cannot be compared (not hashable) run alone."""
+    key = (model.name, kind, width, height, scale > 1.0, text, tuple(sorted(kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _units(kind: str, model: Model, prompt: str, negative: str, seeds: list[int], scale: float,
@@ -260,12 +277,11 @@ def _common(req: Txt2ImgRequest | Img2ImgRequest, ctx: Context) -> tuple[Model, 
 def txt2img(req: Txt2ImgRequest, ctx: Context) -> Plan:
     model, ours, eta, prompt = _common(req, ctx)
     syntax, emphasis = ctx.settings.syntax, ctx.settings.emphasis
-    chunks, tags = _chunks(model, prompt, req.negative_prompt, req.steps, syntax)
+    text = _chunks(ctx, model, prompt, req.negative_prompt, req.steps, syntax)
     seeds = _seeds(req)
     kwargs = dict(steps=req.steps, height=req.height, width=req.width, scheduler=ours, eta=eta, syntax=syntax,
                   emphasis=emphasis)
-    key = (model.name, "txt2img", req.width, req.height, req.steps, ours, eta, req.cfg_scale > 1.0, chunks, tags,
-           syntax, emphasis)
+    key = _key("txt2img", model, req.width, req.height, req.cfg_scale, kwargs, text)
     control = _control(req, ctx, model)
     if control is not None and req.enable_hr:
         raise RequestError("enable_hr", "hires fix with ControlNet is not supported on this server")
@@ -318,10 +334,11 @@ def _hires(req: Txt2ImgRequest, ctx: Context, model: Model, first: str, prompt: 
         raise RequestError("hr_second_pass_steps", f"must be within 0..{MAX_STEPS}")
     hr_prompt = req.hr_prompt or prompt
     hr_negative = req.hr_negative_prompt or req.negative_prompt
-    _chunks(model, hr_prompt, hr_negative, steps, ctx.settings.syntax)
+    text = _chunks(ctx, model, hr_prompt, hr_negative, steps, ctx.settings.syntax)
     resample = HR_UPSCALERS[req.hr_upscaler]
     kwargs = dict(steps=steps, scheduler=ours, eta=eta, strength=strength, syntax=ctx.settings.syntax,
                   emphasis=ctx.settings.emphasis)
+    key = _key("img2img", model, w, h, req.cfg_scale, kwargs, text)
     tag = f", Hires upscale: {req.hr_scale:g}, Hires upscaler: {req.hr_upscaler}"
     if req.hr_resize_x or req.hr_resize_y:
         tag = f", Hires resize: {w}x{h}, Hires upscaler: {req.hr_upscaler}"
@@ -334,7 +351,7 @@ def _hires(req: Txt2ImgRequest, ctx: Context, model: Model, first: str, prompt: 
     def second(first_pass: Images) -> list[Unit]:
         up = [im.resize((w, h), resample=resample) for im in first_pass]
         return _units("img2img", model, hr_prompt, hr_negative, seeds, req.cfg_scale, kwargs, req.batch_size,
-                      None, up, post=mark)
+                      key, up, post=mark)
 
     return second
 
@@ -342,7 +359,7 @@ def _hires(req: Txt2ImgRequest, ctx: Context, model: Model, first: str, prompt: 
 def img2img(req: Img2ImgRequest, ctx: Context) -> Plan:
     model, ours, eta, prompt = _common(req, ctx)
     syntax, emphasis = ctx.settings.syntax, ctx.settings.emphasis
-    _chunks(model, prompt, req.negative_prompt, req.steps, syntax)
+    text = _chunks(ctx, model, prompt, req.negative_prompt, req.steps, syntax)
     if not req.init_images:
         raise RequestError("init_images", "give at least one image")
     _refuse("resize_mode", req.resize_mode, lambda v: v in (0, 1), "0 (just resize) or 1 (crop and resize)")
@@ -362,17 +379,19 @@ def img2img(req: Img2ImgRequest, ctx: Context) -> Plan:
     control = _control(req, ctx, model, originals[0])
     if req.mask is None:
         inits = [imgs.resize(im, req.width, req.height, req.resize_mode) for im in originals]
+        key = _key("img2img", model, req.width, req.height, req.cfg_scale, kwargs, text)
         units = _units("img2img", model, prompt, req.negative_prompt, seeds, req.cfg_scale, kwargs,
-                       req.batch_size, None, inits, control=None if control is None else control.at(req.width,
-                                                                                                     req.height))
+                       req.batch_size, key, inits, control=None if control is None else control.at(req.width,
+                                                                                                    req.height))
     else:
-        units = _inpaint_units(req, ctx, model, prompt, seeds, kwargs, originals, control)
+        key = _key("inpaint", model, req.width, req.height, req.cfg_scale, kwargs, text)
+        units = _inpaint_units(req, ctx, model, prompt, seeds, kwargs, originals, key, control)
     return Plan(Job(units), model, seeds, ours, req.prompt, req.negative_prompt, strength, req.width, req.height,
                 list(req.init_images) if req.include_init_images else [])
 
 
 def _inpaint_units(req: Img2ImgRequest, ctx: Context, model: Model, prompt: str, seeds: list[int],
-                   kwargs: dict[str, Any], originals: list[Image.Image],
+                   kwargs: dict[str, Any], originals: list[Image.Image], key: Hashable,
                    control: cn.ControlPlan | None = None) -> list[Unit]:
     """A1111's inpaint: blurred (and maybe inverted) mask; "only masked" crops the mask's box (plus
     padding) and scales it to width x height; "fill" paints the masked area first; the result is laid
@@ -403,7 +422,7 @@ def _inpaint_units(req: Img2ImgRequest, ctx: Context, model: Model, prompt: str,
     base_of = {id(c): b for c, b in zip(crops, bases, strict=True)}
     call = None if control is None else control.at(req.width, req.height, box, size if box is not None else None)
     units = _units("inpaint", model, prompt, req.negative_prompt, seeds, req.cfg_scale, kwargs, req.batch_size,
-                   None, crops, model_mask, control=call)
+                   key, crops, model_mask, control=call)
     for u in units:
         assert u.images is not None
         its_bases = [base_of[id(c)] for c in u.images]

@@ -242,10 +242,7 @@ def _routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings() -> dict[str, Any]:
-        d = server.settings.embeddings_dir
-        files = [] if d is None else sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".pt", ".bin"))
-        return {"loaded": {p.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                    "shape": None, "vectors": None} for p in files}, "skipped": {}}
+        return await run_in_threadpool(ctx.embeddings.listing, server.models.models[ctx.checkpoint])
 
     @app.get("/sdapi/v1/scripts")
     async def scripts() -> dict[str, Any]:

@@ -4,10 +4,12 @@ A job is one API request: a list of units (one pipeline call's worth of images e
 splits), and for hires fix a follow-up that turns the first pass's images into second-pass units. The
 worker takes the first queued job's next unit and, with batching on, adds the next units of later jobs
 that carry the same batching key (model, size, steps, sampler, ...: `Unit.key`) while the images fit in
-the artifact's max_batch. Every image keeps its own prompt, negative prompt, seed and guidance scale, so
-a batched request gives the images it gives alone. The model runs here, never on the event loop, so
-/progress and /interrupt answer while a job runs; /interrupt stops the running call at its next model
-call (the step callback raises) and the jobs in it return the images finished before.
+the artifact's max_batch (txt2img, img2img, inpaint and the hires fix's second pass alike). Every image
+keeps its own prompt, negative prompt, seed, guidance scale, init image and mask, so a batched request
+gives the images it gives alone. The model runs here, never on the event loop, so
+/progress and /interrupt answer while a job runs; /interrupt stops the running call after its current
+model call (the step callback raises runtime.pipeline.StopSampling) and the jobs in it return, as A1111's,
+the images finished before and those of the stopped call decoded from their latents as they are.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from PIL import Image
 
-from runtime.pipeline import Pipeline
+from runtime.pipeline import Pipeline, StopSampling
 from runtime.serve.errors import QueueFull
 
 Images = list[Image.Image]
@@ -42,7 +44,7 @@ class Unit:
     scale: float
     kwargs: dict[str, Any]  # steps, height/width (txt2img), scheduler, eta, strength, syntax, emphasis
     images: Images | None = None  # init images (img2img / inpaint), one per image
-    mask: Image.Image | None = None
+    mask: Image.Image | None = None  # inpaint: the mask of all this unit's images
     key: Hashable | None = None  # batching key; None: runs alone
     post: Callable[[Images], Images] | None = None  # applied to this unit's outputs (inpaint overlay)
 
@@ -61,10 +63,6 @@ class Job:
 
     def __post_init__(self) -> None:
         self.total_units = len(self.units) * (2 if self.then is not None else 1)
-
-
-class _Interrupted(Exception):
-    """Raised by the step callback to stop the running pipeline call."""
 
 
 @dataclass
@@ -177,14 +175,15 @@ class Worker:
                 self._state = _State(job_timestamp=time.strftime("%Y%m%d%H%M%S"), started=time.monotonic(),
                                      sampling_steps=0, fraction=head.done_units / max(head.total_units, 1))
             t0 = time.monotonic()
+            stopped = False
             try:
-                outcome = self._run_units(picked)
+                outcome, stopped = self._run_units(picked)
             except BaseException as e:  # never let the worker die: fail what it held
                 outcome = [e if isinstance(e, Exception) else RuntimeError(str(e)) for _ in picked]
             with self._cond:
                 self.busy_s += time.monotonic() - t0
                 self._unit_seconds = 0.7 * self._unit_seconds + 0.3 * (time.monotonic() - t0)
-                self._finish(picked, outcome)
+                self._finish(picked, outcome, stopped)
                 self._running = []
 
     def _pick(self) -> list[tuple[Job, Unit]]:
@@ -204,40 +203,45 @@ class Worker:
             job.units.remove(u)
         return picked
 
-    def _run_units(self, picked: list[tuple[Job, Unit]]) -> list[Images | Exception] | _Interrupted:
+    def _run_units(self, picked: list[tuple[Job, Unit]]) -> tuple[list[Images | Exception], bool]:
+        """Each unit's images or error, and whether /interrupt (or every client leaving) stopped the call."""
         units = [u for _, u in picked]
         try:
-            return list(self._call(units, [j for j, _ in picked]))
-        except _Interrupted as e:
-            return e
+            images, stopped = self._call(units, [j for j, _ in picked])
+            results: list[Images | Exception] = [*images]
+            return results, stopped
         except Exception as e:
             if len(units) == 1:
-                return [e]
+                return [e], False
         # a batch failed: run each alone, so that one bad request fails alone
         out: list[Images | Exception] = []
-        for job, u in picked:
+        for n, (job, u) in enumerate(picked):
             try:
-                out.extend(self._call([u], [job]))
-            except _Interrupted as e:
-                return e
+                images, stopped = self._call([u], [job])
             except Exception as e:
                 out.append(e)
-        return out
+                continue
+            out.extend(images)
+            if stopped and self._interrupt.is_set():  # the rest are not run: interrupted with what they have
+                return out + [[] for _ in picked[n + 1:]], True
+        return out, False
 
-    def _call(self, units: list[Unit], jobs: list[Job]) -> list[Images]:
+    def _call(self, units: list[Unit], jobs: list[Job]) -> tuple[list[Images], bool]:
         u0 = units[0]
         pipe = self._loader(u0.model)
-        n_total = sum(len(u.prompts) for u in units)
         head = jobs[0]
+        stopped = False
 
         def step(i: int, total: int) -> None:
+            nonlocal stopped
             with self._cond:
                 for j in jobs:
                     j.calls_run = i
                 self._state.sampling_step, self._state.sampling_steps = i, total
                 self._state.fraction = (head.done_units + i / total) / max(head.total_units, 1)
             if self._interrupt.is_set() or all(j.cancelled for j in jobs):
-                raise _Interrupted
+                stopped = True
+                raise StopSampling  # the pipeline returns the images of the latents so far (A1111)
 
         prompts = [p for u in units for p in u.prompts]
         negatives = [p for u in units for p in u.negatives]
@@ -245,15 +249,15 @@ class Worker:
         scales = [u.scale for u in units for _ in u.prompts]
         scale: float | list[float] = scales[0] if len(set(scales)) == 1 else scales
         kw: dict[str, Any] = dict(u0.kwargs, seed=seeds, scale=scale, progress=step, output="pil")
+        inits = [im for u in units for im in (u.images or [])]  # one per image (img2img / inpaint)
         if u0.kind == "txt2img":
             images = pipe.text2img(prompts, negatives, **kw)
         elif u0.kind == "img2img":
-            inits = [im for u in units for im in (u.images or [])]
             images = pipe.img2img(inits, prompts, negatives, **kw)
         else:
-            inits = [im for u in units for im in (u.images or [])]
-            assert u0.mask is not None
-            images = pipe.inpaint(inits, [u0.mask] * n_total, prompts, negatives, **kw)
+            masks = [u.mask for u in units if u.mask is not None for _ in u.prompts]
+            assert len(masks) == len(prompts), "an inpaint unit without its mask"
+            images = pipe.inpaint(inits, masks, prompts, negatives, **kw)
         assert isinstance(images, list)
         self.batches += 1
         self.batched_units += len(units)
@@ -262,24 +266,24 @@ class Worker:
             mine = images[k:k + len(u.prompts)]
             k += len(u.prompts)
             out.append(u.post(mine) if u.post is not None else mine)
-        return out
+        return out, stopped
 
-    def _finish(self, picked: list[tuple[Job, Unit]], outcome: list[Images | Exception] | _Interrupted) -> None:
+    def _finish(self, picked: list[tuple[Job, Unit]], outcome: list[Images | Exception], stopped: bool) -> None:
         jobs: list[Job] = []
         for n, (job, _) in enumerate(picked):
             if job not in jobs:
                 jobs.append(job)
             if job.future.done():
                 continue
-            if isinstance(outcome, _Interrupted):
+            if isinstance(result := outcome[n], Exception):
+                self._fail(job, result)
+                continue
+            job.results.extend(result)
+            job.done_units += 1
+            if stopped:  # A1111: an interrupted job returns the images so far, the stopped call's included
                 job.interrupted = True
                 job.units.clear()
                 job.then = None
-            elif isinstance(result := outcome[n], Exception):
-                self._fail(job, result)
-            else:
-                job.results.extend(result)
-                job.done_units += 1
         for job in jobs:
             if job.future.done():  # failed, or cancelled by its client
                 if job in self._queue:
