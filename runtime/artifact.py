@@ -15,6 +15,7 @@ from torch import Tensor
 
 from runtime.adapters import AdapterError, Embedding
 from runtime.backend import ModelInfo
+from runtime.control import no_residuals, residual_shapes
 from runtime.cpu import check_bf16, ort_session_options, use_threads
 from runtime.cudagraph import GraphedCall
 from runtime.manifest import DTYPES, TEXT_ENCODERS, ArtifactError, Manifest, read_manifest
@@ -152,7 +153,7 @@ class ArtifactBackend:
                               time_ids=m.time_ids, force_zeros_for_empty_prompt=m.force_zeros_for_empty_prompt,
                               force_upcast=m.force_upcast, context_widths=tuple(m.context_widths),
                               context_dim=m.context_dim,
-                              control_residuals=tuple((int(c), int(f)) for c, f in m.control_residuals))
+                              control_residuals=m.residuals)
         self.tokenizers = tuple(ClipTokenizer.from_json((root / f).read_text(encoding="utf-8"))
                                 for f in m.tokenizer_files)
         loaded = {name: _load(m.format, root, files, device, self.threads) for name, files in m.modules.items()}
@@ -213,13 +214,12 @@ class ArtifactBackend:
                 raise ValueError("this artifact's UNet takes no ControlNet residuals (built before ControlNet "
                                  "support): rebuild it with `sdexport build` to use ControlNet")
             return ()
-        b, _, h, w = x.shape
-        shapes = [(b, c, h // f, w // f) for c, f in layout]
         if control is None:
-            key = (b, h, w)
+            key = tuple(x.shape)
             if key not in self._no_control:
-                self._no_control = {key: tuple(torch.zeros(s, dtype=self.dtype, device=self.device) for s in shapes)}
+                self._no_control = {key: no_residuals(layout, key, self.dtype, self.device)}
             return self._no_control[key]
+        shapes = residual_shapes(layout, x.shape)
         got = [tuple(r.shape) for r in control]
         if got != shapes:
             raise ValueError(f"ControlNet residuals {got} do not fit this UNet's {shapes}")

@@ -101,6 +101,11 @@ class Manifest:
         return self.vae_dtype or self.dtype
 
     @property
+    def residuals(self) -> tuple[tuple[int, int], ...]:
+        """`control_residuals` as (channels, downscale) pairs (runtime/control.py's `Residuals`)."""
+        return tuple((int(c), int(f)) for c, f in self.control_residuals)
+
+    @property
     def tokenizer_files(self) -> tuple[str, ...]:
         """One tokenizer file per text encoder, in `TEXT_ENCODERS` order."""
         by_encoder = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}

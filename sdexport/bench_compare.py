@@ -23,6 +23,7 @@ from torch import Tensor
 
 import runtime
 from runtime.artifact import ArtifactBackend
+from runtime.control import Residuals, no_residuals
 from runtime.cpu import cpu_caps, use_threads
 from runtime.manifest import read_manifest
 from sdexport.bench import BenchOptions, Inputs, _meta, _native_size, make_inputs
@@ -75,12 +76,14 @@ def _artifact(art: Path, inp: Inputs, threads: int) -> tuple[str, dict[str, Call
                   "vae_decode": lambda: be.decode(inp.z).float()}
 
 
-def _ov_args(inp: Inputs) -> dict[str, tuple[Tensor, ...]]:
-    """The exported programs' inputs (sdexport/export/modules.py), float32."""
+def _ov_args(inp: Inputs, residuals: Residuals) -> dict[str, tuple[Tensor, ...]]:
+    """The exported programs' inputs (sdexport/export/control_unet.py), float32: the UNet gets zero ControlNet
+    residuals, as the runtime feeds it when no ControlNet acts."""
     b = inp.x.shape[0]
     unet: tuple[Tensor, ...] = (inp.x, inp.t.reshape(1).expand(b), inp.context, inp.weights)
     if inp.text_embeds is not None and inp.time_ids is not None:
         unet += (inp.text_embeds, inp.time_ids)
+    unet += no_residuals(residuals, inp.x.shape, torch.float32, inp.x.device)
     return {"unet_step": tuple(a.float().contiguous() for a in unet), "vae_decode": (inp.z.float().contiguous(),)}
 
 
@@ -93,7 +96,7 @@ def _openvino_calls(onnx_artifact: Path, inp: Inputs, threads: int,
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = precision
     files = {"unet_step": "unet.onnx", "vae_decode": "vae_decoder.onnx"}
-    args = _ov_args(inp)
+    args = _ov_args(inp, read_manifest(onnx_artifact, verify=False).residuals)
     calls: dict[str, Call] = {}
     used = ""
     for comp, file in files.items():
