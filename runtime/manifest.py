@@ -19,7 +19,9 @@ FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 TOKEN_TABLE_KEY = "weight"  # the one tensor of a token-table file: (tokens, width)
 MANIFEST = "manifest.json"
-FORMATS = ("aoti", "pt2", "torchscript", "onnx")
+FORMATS = ("aoti", "pt2", "torchscript", "onnx", "openvino")
+# Formats whose UNet program takes the ControlNet residuals as separate inputs (graphs from ONNX), not one tuple.
+FLAT_INPUT_FORMATS = ("onnx", "openvino")
 # The text encoder programs of each family, in the order of the backend's tokenizers and ids.
 TEXT_ENCODERS = {
     "sd1": ("text_encoder",),

@@ -89,7 +89,7 @@ def build_control(cn: Any, out: str | Path, options: BuildOptions | None = None,
     multiple = control_multiple(cn.module)
     if lo % multiple or hi % multiple:
         raise ValueError(f"sizes must be multiples of {multiple} px for this ControlNet")
-    device, dtype = torch.device(opts.device), opts.dtype
+    device, dtype = torch.device(opts.device), opts.graph_dtype
     kernels = Kernels.FUSED if opts.kernels == "fused" else Kernels.SDPA
     module = export_copy(cn.module, device, dtype, kernels)
     spec = ShapeSpec(opts.max_batch, lo, hi, opts.max_chunks, multiple)
