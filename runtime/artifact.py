@@ -15,9 +15,10 @@ from torch import Tensor
 
 from runtime.adapters import AdapterError, Embedding
 from runtime.backend import ModelInfo
+from runtime.control import no_residuals, residual_shapes
 from runtime.cpu import check_bf16, ort_session_options, use_threads
 from runtime.cudagraph import GraphedCall
-from runtime.manifest import DTYPES, TEXT_ENCODERS, ArtifactError, Manifest, read_manifest
+from runtime.manifest import DTYPES, FLAT_INPUT_FORMATS, TEXT_ENCODERS, ArtifactError, Manifest, read_manifest
 from runtime.pipeline import Pipeline
 from runtime.token_tables import TokenTables
 from runtime.tokenizer import ClipTokenizer
@@ -56,6 +57,8 @@ def _check_compatible(m: Built, device: torch.device, root: Path) -> None:
     if m.format in ("aoti",) and device.type != m.device:
         raise ArtifactError(f"{root}: this {m.format} artifact was compiled for {m.device}; "
                             f"it cannot run on {device.type}")
+    if m.format == "openvino" and device.type != "cpu":
+        raise ArtifactError(f"{root}: openvino artifacts run on the CPU (OpenVINO's CPU plugin), not on {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArtifactError(f"{root}: CUDA was requested but this torch sees no CUDA device")
 
@@ -124,9 +127,15 @@ def _onnx(program: Path, device: torch.device, threads: int) -> Callable[..., Ou
     return run
 
 
-def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device,
-          threads: int) -> tuple[Program, Weights]:
+def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device, threads: int,
+          dtype: str = "float32") -> tuple[Program, Weights]:
+    """One module's program (and its live weights, for the formats that keep them beside it); `dtype` (the
+    manifest's name) sets OpenVINO's precision, the other formats' programs carry theirs."""
     program = root / files["program"]
+    if fmt == "openvino":
+        from runtime.openvino import load_program
+
+        return load_program(program, threads, dtype), {}
     if fmt == "pt2":
         return _pt2(program, root / files["weights"], device)
     if fmt == "aoti":
@@ -143,7 +152,7 @@ def model_info(m: Manifest) -> ModelInfo:
                      hash=m.model_hash, time_ids=m.time_ids, force_upcast=m.force_upcast,
                      force_zeros_for_empty_prompt=m.force_zeros_for_empty_prompt,
                      context_widths=tuple(m.context_widths), context_dim=m.context_dim,
-                     control_residuals=tuple((int(c), int(f)) for c, f in m.control_residuals))
+                     control_residuals=m.residuals)
 
 
 class ArtifactBackend:
@@ -159,7 +168,9 @@ class ArtifactBackend:
         self.info = model_info(m)
         self.tokenizers = tuple(ClipTokenizer.from_json((root / f).read_text(encoding="utf-8"))
                                 for f in m.tokenizer_files)
-        loaded = {name: _load(m.format, root, files, device, self.threads) for name, files in m.modules.items()}
+        loaded = {name: _load(m.format, root, files, device, self.threads,
+                              m.vae_dtype_name if name.startswith("vae") else m.dtype)
+                  for name, files in m.modules.items()}
         calls = {name: program for name, (program, _) in loaded.items()}
         self._programs = calls
         self._weights = {name: w for name, (_, w) in loaded.items() if name in ADAPTER_COMPONENTS}
@@ -171,8 +182,8 @@ class ArtifactBackend:
         self._decode: Call = calls["vae_decoder"]
         self._encode: Call = calls["vae_encoder"]
         unet: Call = _flat_control(calls["unet"], m)
-        # onnxruntime runs outside torch's stream, so only torch formats can be captured
-        graphed = cuda_graphs and device.type == "cuda" and m.format != "onnx"
+        # onnxruntime runs outside torch's stream, so only torch formats can be captured (openvino: CPU only)
+        graphed = cuda_graphs and device.type == "cuda" and m.format not in FLAT_INPUT_FORMATS
         self._unet: Call = GraphedCall(unet) if graphed else unet
         self._no_control: dict[tuple[int, ...], tuple[Tensor, ...]] = {}  # zero residuals per latent shape
 
@@ -217,13 +228,12 @@ class ArtifactBackend:
                 raise ValueError("this artifact's UNet takes no ControlNet residuals (built before ControlNet "
                                  "support): rebuild it with `sdexport build` to use ControlNet")
             return ()
-        b, _, h, w = x.shape
-        shapes = [(b, c, h // f, w // f) for c, f in layout]
         if control is None:
-            key = (b, h, w)
+            key = tuple(x.shape)
             if key not in self._no_control:
-                self._no_control = {key: tuple(torch.zeros(s, dtype=self.dtype, device=self.device) for s in shapes)}
+                self._no_control = {key: no_residuals(layout, key, self.dtype, self.device)}
             return self._no_control[key]
+        shapes = residual_shapes(layout, x.shape)
         got = [tuple(r.shape) for r in control]
         if got != shapes:
             raise ValueError(f"ControlNet residuals {got} do not fit this UNet's {shapes}")
@@ -297,8 +307,8 @@ class ArtifactBackend:
 
 def _flat_control(program: Program, m: Manifest) -> Call:
     """The UNet program as a function of flat tensors: torch formats take the residuals as one tuple
-    (the last input), ONNX as separate inputs (sdexport/export/control.py)."""
-    if not m.control_residuals or m.format == "onnx":
+    (the last input), ONNX and OpenVINO as separate inputs (sdexport/export/control_unet.py)."""
+    if not m.control_residuals or m.format in FLAT_INPUT_FORMATS:
         return program
     k = len(m.control_residuals)
 

@@ -28,7 +28,7 @@ from runtime.backend import ModelInfo
 from runtime.conditioning import TextConditioning
 
 __all__ = ["ControlInfo", "ControlModel", "ControlRequest", "ControlUnit", "Residuals", "check_pair",
-           "control_images", "control_request", "scale_residuals"]
+           "control_images", "control_request", "no_residuals", "residual_shapes", "scale_residuals"]
 
 Residuals = tuple[tuple[int, int], ...]  # (channels, downscale) per residual: the skips, then the mid block
 Rows = Literal["all", "batched", "uncond", "cond"]  # which UNet rows a call serves (see `ControlRequest`)
@@ -130,6 +130,18 @@ def scale_residuals(res: Sequence[Tensor], scale: float, guess_mode: bool) -> li
         return [r * scale for r in res]
     scales = torch.logspace(-1, 0, len(res), device=res[0].device) * scale
     return [r * s for r, s in zip(res, scales, strict=True)]
+
+
+def residual_shapes(layout: Residuals, x_shape: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """The (B, C, h/f, w/f) shape of each residual a UNet of `layout` takes with (B, C, h, w) latents."""
+    b, _, h, w = x_shape
+    return [(b, c, h // f, w // f) for c, f in layout]
+
+
+def no_residuals(layout: Residuals, x_shape: Sequence[int], dtype: torch.dtype,
+                 device: torch.device) -> tuple[Tensor, ...]:
+    """What a UNet program with residual inputs is fed when no ControlNet acts: zeros (adding them is a no-op)."""
+    return tuple(torch.zeros(s, dtype=dtype, device=device) for s in residual_shapes(layout, x_shape))
 
 
 def _per_net(value: float | Sequence[float], n: int, name: str) -> list[float]:

@@ -116,7 +116,8 @@ class ControlArtifact:
         self.root = root
         self._device = device
         self._dtype = DTYPES[m.dtype]
-        self._program, _ = _load(m.format, root, m.modules[CONTROL_PROGRAM], device, use_threads(threads))
+        self._program, _ = _load(m.format, root, m.modules[CONTROL_PROGRAM], device, use_threads(threads),
+                                 m.dtype)
 
     @property
     def device(self) -> torch.device:

@@ -19,7 +19,9 @@ FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 TOKEN_TABLE_KEY = "weight"  # the one tensor of a token-table file: (tokens, width)
 MANIFEST = "manifest.json"
-FORMATS = ("aoti", "pt2", "torchscript", "onnx")
+FORMATS = ("aoti", "pt2", "torchscript", "onnx", "openvino")
+# Formats whose UNet program takes the ControlNet residuals as separate inputs (graphs from ONNX), not one tuple.
+FLAT_INPUT_FORMATS = ("onnx", "openvino")
 # The text encoder programs of each family, in the order of the backend's tokenizers and ids.
 TEXT_ENCODERS = {
     "sd1": ("text_encoder",),
@@ -99,6 +101,11 @@ class Manifest:
     @property
     def vae_dtype_name(self) -> str:
         return self.vae_dtype or self.dtype
+
+    @property
+    def residuals(self) -> tuple[tuple[int, int], ...]:
+        """`control_residuals` as (channels, downscale) pairs (runtime/control.py's `Residuals`)."""
+        return tuple((int(c), int(f)) for c, f in self.control_residuals)
 
     @property
     def tokenizer_files(self) -> tuple[str, ...]:

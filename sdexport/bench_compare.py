@@ -1,9 +1,9 @@
 """`sdexport bench --compare-openvino`: the side-by-side CPU table of issue 15 (UNet step, VAE decode).
 
 Rows: eager float32 (the reference of every error), eager float32 channels_last, eager bfloat16
-channels_last, each given artifact through `runtime.load`, and OpenVINO on the ONNX artifact's own
-unet.onnx / vae_decoder.onnx at f32 and at its default precision (bf16 where the CPU has it). Every engine
-gets the same explicit thread count (runtime/cpu.py); the candidates of a component are timed in
+channels_last, each given artifact through `runtime.load` (an openvino artifact included), and OpenVINO on
+the ONNX artifact's own unet.onnx / vae_decoder.onnx at f32 and at its default precision (bf16 where the CPU
+has it). Every engine gets the same explicit thread count (runtime/cpu.py); the candidates of a component are timed in
 alternation (one call each per round), so a load change on a shared machine hits all of them alike, and
 each figure is the median of the rounds.
 """
@@ -23,8 +23,10 @@ from torch import Tensor
 
 import runtime
 from runtime.artifact import ArtifactBackend
+from runtime.control import Residuals, no_residuals
 from runtime.cpu import cpu_caps, use_threads
 from runtime.manifest import read_manifest
+from runtime.openvino import cpu_config
 from sdexport.bench import BenchOptions, Inputs, _meta, _native_size, make_inputs
 from sdexport.pipeline import StableDiffusion
 from sdexport.presets import open_model
@@ -75,12 +77,14 @@ def _artifact(art: Path, inp: Inputs, threads: int) -> tuple[str, dict[str, Call
                   "vae_decode": lambda: be.decode(inp.z).float()}
 
 
-def _ov_args(inp: Inputs) -> dict[str, tuple[Tensor, ...]]:
-    """The exported programs' inputs (sdexport/export/modules.py), float32."""
+def _ov_args(inp: Inputs, residuals: Residuals) -> dict[str, tuple[Tensor, ...]]:
+    """The exported programs' inputs (sdexport/export/control_unet.py), float32: the UNet gets zero ControlNet
+    residuals, as the runtime feeds it when no ControlNet acts."""
     b = inp.x.shape[0]
     unet: tuple[Tensor, ...] = (inp.x, inp.t.reshape(1).expand(b), inp.context, inp.weights)
     if inp.text_embeds is not None and inp.time_ids is not None:
         unet += (inp.text_embeds, inp.time_ids)
+    unet += no_residuals(residuals, inp.x.shape, torch.float32, inp.x.device)
     return {"unet_step": tuple(a.float().contiguous() for a in unet), "vae_decode": (inp.z.float().contiguous(),)}
 
 
@@ -89,11 +93,9 @@ def _openvino_calls(onnx_artifact: Path, inp: Inputs, threads: int,
     """OpenVINO's CPU plugin on the artifact's ONNX graphs; `precision` None: the plugin's default."""
     ov = _openvino()
     core = ov.Core()
-    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
-    if precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = precision
+    config = cpu_config(threads, precision)  # the settings of openvino artifacts (runtime/openvino.py)
     files = {"unet_step": "unet.onnx", "vae_decode": "vae_decoder.onnx"}
-    args = _ov_args(inp)
+    args = _ov_args(inp, read_manifest(onnx_artifact, verify=False).residuals)
     calls: dict[str, Call] = {}
     used = ""
     for comp, file in files.items():
@@ -179,7 +181,8 @@ def run_compare(opts: BenchOptions, thread_counts: list[int], log: Log = print) 
     ov = _openvino()
     meta.update(threads=thread_counts, cpu=cpu_caps().describe(), openvino=ov.__version__.split("-")[0],
                 onnxruntime=_ort_version(), onnxruntime_threads="intra N, inter 1",
-                openvino_config="INFERENCE_NUM_THREADS N, NUM_STREAMS 1, PERFORMANCE_HINT LATENCY")
+                openvino_config=", ".join(f"{k} {v}" for k, v in {**cpu_config(1, None),
+                                                                   "INFERENCE_NUM_THREADS": "N"}.items()))
     return {"meta": meta, "tables": tables}
 
 

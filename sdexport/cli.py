@@ -473,8 +473,8 @@ def serve(args: tuple[str, ...]) -> None:
               help="CPU threads of every engine (torch, onnxruntime, OpenVINO) [default: torch's]")
 @click.option("--compare-openvino", is_flag=True,
               help="CPU: the side-by-side UNet step / VAE decode table (eager fp32, channels_last, bf16, the "
-                   "--artifact paths, OpenVINO on the ONNX artifact; needs openvino), at 1 and all threads "
-                   "unless --threads")
+                   "--artifact paths (openvino ones too), OpenVINO on the ONNX artifact; needs openvino), at 1 "
+                   "and all threads unless --threads")
 @click.option("--control", default=None, metavar="CN",
               help="also time the UNet step with one ControlNet: a control artifact, a ControlNet folder or "
                    "file, or 'random' (mirrors the model's UNet)")

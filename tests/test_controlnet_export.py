@@ -3,7 +3,7 @@ pt2 model artifacts and pt2 control artifacts, run in ONE fresh process that can
 transformers or diffusers, match diffusers' ControlNet pipelines (SD 1.x: text2img, MultiControlNet with
 start/end, guess mode with Heun, img2img, inpaint, and no ControlNet; SDXL: text2img with and without
 guess mode); the control program in the other formats
-(torchscript, onnx, and aoti with an aoti UNet) matches the eager model; artifacts built before
+(torchscript, onnx, openvino (slow), and aoti with an aoti UNet) matches the eager model; artifacts built before
 ControlNet keep working without it and refuse it with a "rebuild" message; the CLI and bad input.
 """
 
@@ -228,10 +228,13 @@ def _eager_and_artifact(sd: Any, pipe: Any, cn: ControlNet, control: Any) -> tup
             pipe.text2img("a fox", NEG, control=control, control_image=t["hint1"], **kw))
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx",
+                                 pytest.param("openvino", marks=pytest.mark.slow)])  # slow: ONNX export + IR
 def test_control_formats_match_eager(fmt: str, arts: dict[str, Path], sd1_folder: Path, cn_folders: list[Path],
                                      tmp_path: Path) -> None:
     """The control program in another format, paired with the pt2 model artifact."""
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
     sd = StableDiffusion.from_pretrained(sd1_folder).attention_backend("sdpa")
     cn = ControlNet.from_pretrained(cn_folders[0])
     control = runtime.load_control(_build(cn_folders[0], tmp_path / fmt, fmt))

@@ -94,8 +94,6 @@ def test_compare_openvino_needs_openvino(monkeypatch: pytest.MonkeyPatch, sd1_fo
         run_compare(BenchOptions(model=str(sd1_folder)), [1])
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="the OpenVINO/onnx candidates do not yet feed the UNet's "
-                   "ControlNet residual inputs (added by the ControlNet merge); issue 15")
 def test_compare_openvino_table(sd1_folder: Path, onnx_artifact: Path, keep_threads: Any) -> None:
     """Every row of the side-by-side table, at two thread counts; the float32 engines agree with eager."""
     pytest.importorskip("openvino")

@@ -4,6 +4,7 @@ frozen, verifiable artifact."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import shutil
 import time
@@ -19,6 +20,7 @@ from torch import nn
 
 from runtime.backend import ModelInfo
 from runtime.manifest import DTYPES, FORMAT_VERSION, FORMATS, MANIFEST, TEXT_ENCODERS, Manifest, ShapeRange, hash_tree
+from runtime.openvino import MISSING as OPENVINO_MISSING
 from runtime.tokenizer import ClipTokenizer
 from sdexport.export import formats
 from sdexport.export.control_unet import ControlUNetStep, ControlUNetStepXL, control_unet_example
@@ -143,6 +145,11 @@ class BuildOptions:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.format == "openvino":
+            if self.device != "cpu":
+                raise ValueError("--format openvino builds CPU artifacts (OpenVINO's CPU plugin): use --device cpu")
+            if importlib.util.find_spec("openvino") is None:
+                raise ValueError(f"--format openvino needs OpenVINO: {OPENVINO_MISSING}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but this torch sees no CUDA device")
         if self.max_batch < 1 or self.max_chunks < 1:
@@ -190,6 +197,12 @@ class BuildOptions:
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.dtype_name]
+
+    @property
+    def graph_dtype(self) -> torch.dtype:
+        """The dtype the programs are exported in: `dtype`, except openvino's float32 graphs, which the
+        engine computes at the manifest dtype's precision (runtime/openvino.py)."""
+        return torch.float32 if self.format == "openvino" else self.dtype
 
 
 @dataclass
@@ -295,7 +308,7 @@ def build(sd: Exportable, out: str | Path, options: BuildOptions | None = None, 
     multiple = artifact_multiple(sd.unet, sd.vae)
     opts = (options or BuildOptions()).resolve(out, overwrite, sd.info.family, multiple, "UNet")
     assert opts.min_size is not None and opts.max_size is not None
-    device, dtype = torch.device(opts.device), opts.dtype
+    device, dtype = torch.device(opts.device), opts.graph_dtype
     sd = _copy(sd, device, dtype, opts.model_kernels)
     spec = ShapeSpec(opts.max_batch, opts.min_size, opts.max_size, opts.max_chunks, multiple)
 

@@ -3,6 +3,7 @@ dynamic-shape specs, writes its files into the artifact directory and returns th
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,23 @@ def write_onnx(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any,
     return {"program": onnx_path.name, "weights": data.name if data.exists() else ""}
 
 
-WRITERS = {"pt2": write_pt2, "aoti": write_aoti, "torchscript": write_torchscript, "onnx": write_onnx}
+def write_openvino(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any,
+                   out: Path) -> dict[str, str]:
+    """OpenVINO IR converted from the ONNX graph (`write_onnx`, in a scratch directory removed after):
+    `<name>.xml` and its float32 weights `<name>.bin` (runtime/openvino.py)."""
+    from runtime.openvino import openvino
+
+    ov = openvino()
+    with tempfile.TemporaryDirectory(prefix=f".{name}-onnx-", dir=out) as scratch:
+        onnx = write_onnx(name, module, args, dyn, Path(scratch))
+        model = ov.convert_model(str(Path(scratch) / onnx["program"]))
+        ov.save_model(model, str(out / f"{name}.xml"), compress_to_fp16=False)
+        del model
+    return {"program": f"{name}.xml", "weights": f"{name}.bin"}
+
+
+WRITERS = {"pt2": write_pt2, "aoti": write_aoti, "torchscript": write_torchscript, "onnx": write_onnx,
+           "openvino": write_openvino}
 
 
 def write(fmt: str, name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path) -> dict[str, str]:
