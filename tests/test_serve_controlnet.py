@@ -58,6 +58,8 @@ def net(control_dir: Path) -> Any:
 
 
 def _api(srv: ServerHandle) -> Any:
+    """Calls with units pass their own `alwayson_scripts={}`: webuiapi's default is one dict shared by every
+    call in the process, into which it writes the units, so later calls (other tests) would resend them."""
     return webuiapi.WebUIApi(host="127.0.0.1", port=int(srv.url.rsplit(":", 1)[1]))
 
 
@@ -114,7 +116,8 @@ def test_txt2img_unit_equals_runtime(server: ServerHandle, pipe: runtime.Pipelin
                                    guidance_end=0.9)  # the client's defaults otherwise ("Resize and Fill", ...)
     off = webuiapi.ControlNetUnit(image=_hint(seed=9), model="no-such-model", enabled=False)
     r = _api(server).txt2img(prompt=PROMPT, negative_prompt=NEGATIVE, seed=11, steps=4, width=SIZE, height=SIZE,
-                             cfg_scale=6.0, sampler_name="Euler a", batch_size=2, controlnet_units=[unit, off])
+                             cfg_scale=6.0, sampler_name="Euler a", batch_size=2, controlnet_units=[unit, off],
+                             alwayson_scripts={})  # not webuiapi's shared default dict (see _api)
     assert len(r.images) == 2 and r.info["all_seeds"] == [11, 12]
     want = _local(pipe, "text2img", PROMPT, NEGATIVE, steps=4, scale=6.0, height=SIZE, width=SIZE, seed=[11, 12],
                   scheduler="euler_a", batch_size=2, **_control(net, hint, 0.8, 0.1, 0.9))
@@ -130,7 +133,8 @@ def test_img2img_unit_without_image_uses_init(server: ServerHandle, pipe: runtim
     init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8))
     unit = webuiapi.ControlNetUnit(model=CN, weight=1.2, resize_mode="Just Resize")
     r = _api(server).img2img(images=[init], prompt=PROMPT, seed=5, steps=5, denoising_strength=0.6, width=SIZE,
-                             height=SIZE, sampler_name="Euler", cfg_scale=5.0, controlnet_units=[unit])
+                             height=SIZE, sampler_name="Euler", cfg_scale=5.0, controlnet_units=[unit],
+                             alwayson_scripts={})
     resized = imgs.resize(init, SIZE, SIZE, 0)
     want = _local(pipe, "img2img", resized, PROMPT, strength=0.6, steps=5, scale=5.0, seed=5, scheduler="euler",
                   **_control(net, resized, 1.2))
@@ -147,7 +151,7 @@ def test_inpaint_only_masked_crops_the_control_image(server: ServerHandle, pipe:
     unit = webuiapi.ControlNetUnit(image=hint, model=CN, weight=0.9, guidance_end=0.75)
     r = _api(server).img2img(images=[init], mask_image=mask, prompt=PROMPT, seed=9, steps=4, denoising_strength=0.8,
                              width=SIZE, height=SIZE, sampler_name="DDIM", eta=0.0, inpaint_full_res=True,
-                             inpaint_full_res_padding=4, controlnet_units=[unit])
+                             inpaint_full_res_padding=4, controlnet_units=[unit], alwayson_scripts={})
     blurred = imgs.prepare_mask(mask, False, 4, 4)
     box = imgs.crop_region(blurred, 4, SIZE, SIZE)
     assert box is not None and box != (0, 0, SIZE, SIZE)
