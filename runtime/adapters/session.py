@@ -30,13 +30,14 @@ from runtime.adapters.keys import Resolved, resolve
 from runtime.adapters.lora import read_lora
 from runtime.adapters.merge import LoraMerger
 from runtime.backend import AdapterBackend, Backend
+from runtime.tensor_files import TORCH_SUFFIXES
 
-__all__ = ["PREFIXES", "AdapterMixin", "LoadedLora", "parse_tags"]
+__all__ = ["ADAPTER_SUFFIXES", "PREFIXES", "AdapterMixin", "LoadedLora", "named_in", "parse_tags"]
 
 PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
 _TAG = re.compile(r"<lora:([^>]*)>")
 Tag = tuple[str, float, float]  # (file stem, text-encoder scale, UNet scale)
-_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt")
+ADAPTER_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)  # the files a name in an adapter folder may be
 Active = tuple[tuple[Resolved, float], ...]
 
 
@@ -193,7 +194,7 @@ class AdapterMixin:
         loras = ", ".join(dict.fromkeys(f"{x.name}: {x.hash}" for x in self.loras if x.hash))  # te/unet parts: once
         text = f"{prompt} {negative}"
         tis = ", ".join(f"{e.token}: {e.a1111_hash}" for e in self._embeddings.values()
-                        if e.info is not None and _named(e.token, text))
+                        if e.info is not None and named_in(e.token, text))
         return loras, tis
 
     # ---- internals ----------------------------------------------------------------------------
@@ -229,11 +230,11 @@ class AdapterMixin:
 
     def _find(self, folder: Path | None, name: str, what: str) -> Path:
         assert folder is not None
-        for suffix in _SUFFIXES:
+        for suffix in ADAPTER_SUFFIXES:
             p = folder / f"{name}{suffix}"
             if p.is_file():
                 return p
-        raise AdapterError(f"no {what} named {name!r} in {folder} (looked for {name}{{{','.join(_SUFFIXES)}}})")
+        raise AdapterError(f"no {what} named {name!r} in {folder} (looked for {name}{{{','.join(ADAPTER_SUFFIXES)}}})")
 
     def _dir_embeddings(self, texts: Sequence[str]) -> None:
         if self._emb_dir is None:
@@ -241,9 +242,10 @@ class AdapterMixin:
         text = " ".join(texts)
         for p in sorted(self._emb_dir.iterdir()):
             stem = p.stem
-            if p.suffix in _SUFFIXES and stem not in self._embeddings and _named(stem, text):
+            if p.suffix in ADAPTER_SUFFIXES and stem not in self._embeddings and named_in(stem, text):
                 self.load_embedding(p)
 
 
-def _named(token: str, text: str) -> bool:
+def named_in(token: str, text: str) -> bool:
+    """Whether `token` appears in `text` as a word of its own (how a prompt names an embedding)."""
     return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", text, re.IGNORECASE) is not None

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from runtime.adapters.session import _SUFFIXES, parse_tags
+from runtime.adapters.session import ADAPTER_SUFFIXES, parse_tags
 from runtime.prompt import encode_prompts, schedule_prompts
 from runtime.prompt_steps import composable
 from runtime.samplers import SCHEDULERS
@@ -39,7 +39,7 @@ SCHEDULE_TYPES = ("automatic", "karras")
 HR_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 MAX_IMAGES = 64  # batch_size x n_iter of one request
 MAX_STEPS = 1000
-LORA_SUFFIXES: tuple[str, ...] = _SUFFIXES  # the files a <lora:NAME> tag may name
+LORA_SUFFIXES: tuple[str, ...] = ADAPTER_SUFFIXES  # the files a <lora:NAME> tag may name
 CLIP_SKIP = 1
 
 

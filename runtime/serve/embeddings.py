@@ -17,7 +17,7 @@ from typing import Any
 
 from runtime.adapters.embeddings import Embedding, read_embedding
 from runtime.adapters.files import AdapterError
-from runtime.adapters.session import _SUFFIXES, _named
+from runtime.adapters.session import ADAPTER_SUFFIXES, named_in
 from runtime.serve.errors import RequestError
 from runtime.serve.models import Model
 from runtime.tokenizer import ClipTokenizer
@@ -35,7 +35,7 @@ class Embeddings:
             return {}
         out: dict[str, Path] = {}
         for p in sorted(self.folder.iterdir()):
-            if p.suffix in _SUFFIXES and p.is_file():
+            if p.suffix in ADAPTER_SUFFIXES and p.is_file():
                 out.setdefault(p.stem, p)
         return out
 
@@ -58,7 +58,7 @@ class Embeddings:
         """`model`'s tokenizers with the embeddings `texts` name added as tokens (for counting only); an
         embedding the pipeline would refuse is a 422 naming the prompt."""
         text = " ".join(texts)
-        named = {s: p for s, p in self.files().items() if _named(s, text)}
+        named = {s: p for s, p in self.files().items() if named_in(s, text)}
         with self._lock:
             for stem, path in named.items():
                 emb = self._embedding(path)
