@@ -11,6 +11,7 @@
 #   bash scripts/gpu_check.sh aoti         # SD 1.5 --half AOTInductor build, cold start, bench, profile
 #   bash scripts/gpu_check.sh formats      # build time and cold start per format (medium preset)
 #   bash scripts/gpu_check.sh lora         # LoRA load / swap / unload time, sd15 rank 32, fp16 (eager + aoti)
+#   bash scripts/gpu_check.sh controlnet   # one ControlNet's cost in the sd15 UNet step, fp16 (eager + pt2 artifacts)
 #
 # Several phases may be named in one call (GPU_CHECK_PHASES="..." works too); every phase first
 # builds if the library is missing or lacks its CUDA kernels.  Each step runs under `timeout`;
@@ -172,6 +173,14 @@ if want lora; then
   step "LoRA swap time: sd15, rank 32, fp16, eager and aoti (64 px build)"
   run 420 "$PY" scripts/bench_lora.py sd15 --rank 32 --device cuda --half --repeat 5 --build-artifact aoti \
     --json "$RES/bench_lora_sd15.json"
+fi
+# ControlNet (#13): UNet step without / with one random ControlNet mirroring sd15's UNet, 512 px, fp16, eager and
+# through pt2 artifacts (quick to build; aoti: --format aoti, ~2x the time). Goal: one ControlNet adds <= 60%.
+if want controlnet; then
+  step "ControlNet cost: sd15, fp16, 512 px, CFG batch 2 (eager sdpa; pt2 model + control artifacts)"
+  run 420 "$PY" scripts/bench_controlnet.py --model sd15 --size 512 --device cuda --half --format pt2 --repeat 20 \
+    --work /tmp/cn-bench > "$RES/bench_controlnet_sd15.txt"
+  cat "$RES/bench_controlnet_sd15.txt"
 fi
 
 step "done (rc=$rc)"
