@@ -20,6 +20,7 @@ from runtime.cpu import check_bf16, ort_session_options, use_threads
 from runtime.cudagraph import GraphedCall
 from runtime.manifest import DTYPES, FLAT_INPUT_FORMATS, TEXT_ENCODERS, ArtifactError, Manifest, read_manifest
 from runtime.pipeline import Pipeline
+from runtime.prepack import PackedProgram, Prepack, PrepackError, read_prepack
 from runtime.token_tables import TokenTables
 from runtime.tokenizer import ClipTokenizer
 
@@ -87,19 +88,35 @@ def _pt2(program: Path, weights: Path, device: torch.device) -> tuple[Program, W
     return module, live
 
 
-def _aoti(program: Path, weights: Path, device: torch.device) -> tuple[Program, Weights]:
+def _aoti(program: Path, weights: Path, device: torch.device, prepack: Path | None) -> tuple[Program, Weights]:
     from torch._inductor import aoti_load_package
 
     compiled = aoti_load_package(str(program))
     state = _load_safetensors(weights, device)
     names = [n for n in compiled.get_constant_fqns() if not n.startswith("_FOLDED_CONST")]
-    missing = [n for n in names if n not in state]
+    plan = None if prepack is None else _read_prepack(prepack)
+    needed = names if plan is None else sorted(plan.weights_needed(names))
+    missing = [n for n in needed if n not in state]
     if missing:
         raise ArtifactError(f"{weights}: weights missing for {missing[:5]}")
+    live = {n: state[n] for n in needed}
+    if plan is not None:  # packed from the weights here and after each swap (runtime/prepack.py)
+        try:
+            return PackedProgram(compiled, plan, live, names), live
+        except RuntimeError as e:
+            raise ArtifactError(f"{program}: packing its weights for this CPU failed ({e}); rebuild the "
+                                "artifact on a machine like this one") from None
     # Folded constants are recomputed from these at the first run (runtime constant folding), so a
     # weight swap (LoRA merge, fine-tune) needs no recompile.
-    compiled.load_constants({n: state[n] for n in names}, check_full_update=False)
-    return compiled, {n: state[n] for n in names}  # copied in: changes need `load_constants` again
+    compiled.load_constants(live, check_full_update=False)
+    return compiled, live  # copied in: changes need `load_constants` again
+
+
+def _read_prepack(path: Path) -> Prepack:
+    try:
+        return read_prepack(path)
+    except PrepackError as e:
+        raise ArtifactError(str(e)) from None
 
 
 def _torchscript(program: Path, device: torch.device) -> Program:
@@ -109,13 +126,13 @@ def _torchscript(program: Path, device: torch.device) -> Program:
     return module
 
 
-def _onnx(program: Path, device: torch.device, threads: int) -> Callable[..., Output]:
+def _onnx(program: Path, device: torch.device, threads: int, spin: bool) -> Callable[..., Output]:
     try:
         import onnxruntime as ort
     except ImportError:
         raise ArtifactError("ONNX artifacts need onnxruntime: pip install onnxruntime") from None
     providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    opts = ort_session_options(threads)
+    opts = ort_session_options(threads, spin)
     session = ort.InferenceSession(str(program), sess_options=opts, providers=providers)
     names = [i.name for i in session.get_inputs()]
 
@@ -128,7 +145,7 @@ def _onnx(program: Path, device: torch.device, threads: int) -> Callable[..., Ou
 
 
 def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device, threads: int,
-          dtype: str = "float32") -> tuple[Program, Weights]:
+          dtype: str = "float32", spin: bool = True) -> tuple[Program, Weights]:
     """One module's program (and its live weights, for the formats that keep them beside it); `dtype` (the
     manifest's name) sets OpenVINO's precision, the other formats' programs carry theirs."""
     program = root / files["program"]
@@ -139,10 +156,11 @@ def _load(fmt: str, root: Path, files: dict[str, str], device: torch.device, thr
     if fmt == "pt2":
         return _pt2(program, root / files["weights"], device)
     if fmt == "aoti":
-        return _aoti(program, root / files["weights"], device)
+        prepack = root / files["prepack"] if files.get("prepack") else None
+        return _aoti(program, root / files["weights"], device, prepack)
     if fmt == "torchscript":
         return _torchscript(program, device), {}
-    return _onnx(program, device, threads), {}
+    return _onnx(program, device, threads, spin), {}
 
 
 def model_info(m: Manifest) -> ModelInfo:
@@ -159,7 +177,7 @@ class ArtifactBackend:
     """A `Backend` over the compiled modules of an artifact (`runtime.manifest.modules_for` its family)."""
 
     def __init__(self, root: Path, m: Manifest, device: torch.device, cuda_graphs: bool,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spin: bool = True) -> None:
         self.manifest = m
         self.threads = use_threads(threads)  # every engine's intra-op threads (runtime/cpu.py)
         self.device = device
@@ -169,7 +187,7 @@ class ArtifactBackend:
         self.tokenizers = tuple(ClipTokenizer.from_json((root / f).read_text(encoding="utf-8"))
                                 for f in m.tokenizer_files)
         loaded = {name: _load(m.format, root, files, device, self.threads,
-                              m.vae_dtype_name if name.startswith("vae") else m.dtype)
+                              m.vae_dtype_name if name.startswith("vae") else m.dtype, spin)
                   for name, files in m.modules.items()}
         calls = {name: program for name, (program, _) in loaded.items()}
         self._programs = calls
@@ -340,7 +358,7 @@ def load_kernels(root: Path, kernels: str) -> None:
 
 def load(path: str | Path, device: str | torch.device | None = None, *, cuda_graphs: bool = True,
          low_ram: bool = False, verify: bool = True, lora_dir: str | Path | None = None,
-         embeddings_dir: str | Path | None = None, threads: int | None = None) -> Pipeline:
+         embeddings_dir: str | Path | None = None, threads: int | None = None, spin: bool = True) -> Pipeline:
     """Load an artifact built by `sdexport build` and return a pipeline with text2img/img2img/inpaint.
 
     device: defaults to the device the artifact was built for. cuda_graphs: capture the UNet step in a
@@ -348,7 +366,9 @@ def load(path: str | Path, device: str | torch.device | None = None, *, cuda_gra
     lora_dir / embeddings_dir: where `<lora:NAME:0.8>` prompt tags and embedding names are looked up
     (runtime/adapters/session.py); `pipe.load_lora(path, scale)` swaps LoRAs in with no recompile.
     threads: CPU threads for every engine (torch.set_num_threads, process-wide; onnxruntime's intra-op
-    pool); None keeps torch's current count and gives onnxruntime the same.
+    pool); None keeps torch's current count and gives onnxruntime the same. spin: onnxruntime's idle
+    threads spin-wait for the next op (its default, fastest back to back); False frees the cores between
+    calls (a server sharing them, a benchmark timing another engine right after).
     """
     root = Path(path)
     m = read_manifest(root, verify=verify)
@@ -357,6 +377,6 @@ def load(path: str | Path, device: str | torch.device | None = None, *, cuda_gra
     if dev.type == "cpu" and "bfloat16" in (m.dtype, m.vae_dtype_name):
         check_bf16(str(root))  # runs everywhere; warns where the CPU has no native bf16
     load_kernels(root, m.kernels)
-    pipe = Pipeline(ArtifactBackend(root, m, dev, cuda_graphs, threads), low_ram=low_ram)
+    pipe = Pipeline(ArtifactBackend(root, m, dev, cuda_graphs, threads, spin), low_ram=low_ram)
     pipe.set_adapter_dirs(lora_dir, embeddings_dir)
     return pipe

@@ -106,6 +106,8 @@ def test_artifact_matches_eager_in_fresh_process(fmt: str, sd: StableDiffusion, 
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["format"] == fmt and manifest["kernels"] == kernels
     assert set(manifest["files"]) >= {"tokenizer.json"}
+    if fmt == "aoti":  # a CPU build: oneDNN-packed weights, recomputed at load
+        assert manifest["modules"]["unet"]["prepack"] == "unet.prepack.json", manifest["modules"]["unet"]
     out = _run_child(art, tmp_path)
     for key, ref in eager.items():
         assert out[key].shape == ref.shape, key

@@ -4,6 +4,7 @@ dynamic-shape specs, writes its files into the artifact directory and returns th
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,35 @@ def write_pt2(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, 
 
 def write_aoti(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path) -> dict[str, str]:
     """AOTInductor package without weights inside the .so; constants folded at run time, so weights
-    loaded from the .safetensors (and later swapped) take effect everywhere."""
+    loaded from the .safetensors (and later swapped) take effect everywhere. On the CPU it is compiled
+    with freezing (oneDNN-packed weights) and `<name>.prepack.json` says how the runtime packs them at
+    load (sdexport/export/prepack.py); a program whose folds no recipe can express is compiled without."""
     ep = _export(module, args, dyn)
-    save_file(_weights(ep), str(out / f"{name}.safetensors"))
-    torch._inductor.aoti_compile_and_package(
-        ep,
-        package_path=str(out / f"{name}.pt2"),
-        inductor_configs={
-            "aot_inductor.package_constants_in_so": False,
-            "aot_inductor.use_runtime_constant_folding": True,
-        },
-    )
-    return {"program": f"{name}.pt2", "weights": f"{name}.safetensors"}
+    weights = _weights(ep)
+    save_file(weights, str(out / f"{name}.safetensors"))
+    package = out / f"{name}.pt2"
+    configs = {"aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True}
+    if args[0].device.type == "cpu":
+        from sdexport.export.prepack import NotRecordable, recording
+
+        with recording() as rec:
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(package), inductor_configs=configs)
+        try:
+            plan = rec.plan(_constant_names(package), set(weights))
+        except NotRecordable as e:
+            warnings.warn(f"{name}: compiled without prepacked weights ({e})", RuntimeWarning, stacklevel=2)
+        else:
+            (out / f"{name}.prepack.json").write_text(plan.to_json(), encoding="utf-8")
+            return {"program": package.name, "weights": f"{name}.safetensors", "prepack": f"{name}.prepack.json"}
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(package), inductor_configs=configs)
+    return {"program": package.name, "weights": f"{name}.safetensors"}
+
+
+def _constant_names(package: Path) -> list[str]:
+    """The constants a compiled package asks for (those folded at run time excepted)."""
+    from torch._inductor import aoti_load_package
+
+    return [n for n in aoti_load_package(str(package)).get_constant_fqns() if not n.startswith("_FOLDED_CONST")]
 
 
 def write_torchscript(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any,

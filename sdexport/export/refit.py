@@ -120,7 +120,9 @@ def refit(artifact: str | Path, sd: Exportable, out: str | Path, *, overwrite: b
             if on_stage:
                 on_stage(name)
             entry = manifest.modules[name]
-            _link_or_copy(src / entry["program"], tmp / entry["program"])
+            for key in ("program", "prepack"):  # the program and its prepack recipes (CPU aoti) as they are
+                if entry.get(key):
+                    _link_or_copy(src / entry[key], tmp / entry[key])
             tensors = _tensors(modules[name])
             dt = vae_dt if name.startswith("vae_") else dtype
             weights = {k: _cast(tensors[k], dt) for k in stored[name]}

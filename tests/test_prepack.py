@@ -1,0 +1,110 @@
+"""Prepacked CPU weights (runtime/prepack.py, sdexport/export/prepack.py): a frozen AOTInductor program whose
+oneDNN-packed constants are computed from the weights at load, equal to eager, and again after a swap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from runtime.artifact import _aoti, _read_prepack
+from runtime.manifest import ArtifactError
+from runtime.prepack import ConvPack, PackedProgram, Prepack, PrepackError
+from sdexport.export.formats import write_aoti
+
+
+class ConvLinear(nn.Module):
+    """The packed kinds: a 3x3 convolution with a fused activation, a 1x1 convolution, a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(16, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 32, 1)
+        self.lin = nn.Linear(32, 24)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.c2(nn.functional.silu(self.c1(x)))
+        out: Tensor = self.lin(y.flatten(2).transpose(1, 2))
+        return out
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[ConvLinear, Path]:
+    torch.manual_seed(0)
+    model = ConvLinear().eval()
+    side = torch.export.Dim("side", min=4, max=32)
+    out = tmp_path_factory.mktemp("prepack")
+    files = write_aoti("m", model, (torch.randn(2, 16, 8, 8),), ({2: side, 3: side},), out)
+    assert files["prepack"] == "m.prepack.json"
+    return model, out
+
+
+def _run(prog: PackedProgram, x: Tensor) -> Tensor:
+    out = prog(x)
+    y: Tensor = out[0] if isinstance(out, (list, tuple)) else out
+    return y
+
+
+def test_packed_program_matches_eager_at_every_size(packed: tuple[ConvLinear, Path]) -> None:
+    model, out = packed
+    plan = json.loads((out / "m.prepack.json").read_text())
+    assert plan["conv"], "no convolution weight is packed"
+    assert any(e["op"] == "mkldnn._reorder_linear_weight.default" for e in plan["constants"].values())
+    prog, live = _aoti(out / "m.pt2", out / "m.safetensors", torch.device("cpu"), out / "m.prepack.json")
+    assert isinstance(prog, PackedProgram)
+    assert set(live) == set(model.state_dict())  # the weights, by their names: what adapters swap
+    assert sum(t.is_mkldnn for t in prog.live.values()) >= 3  # both convolutions and the linear layer
+    with torch.no_grad():
+        for side in (8, 5, 32):
+            x = torch.randn(2, 16, side, side)
+            torch.testing.assert_close(_run(prog, x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_weight_swap_repacks_what_depends_on_it(packed: tuple[ConvLinear, Path]) -> None:
+    model, out = packed
+    prog, live = _aoti(out / "m.pt2", out / "m.safetensors", torch.device("cpu"), out / "m.prepack.json")
+    assert isinstance(prog, PackedProgram)
+    swapped = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for name in ("c1.weight", "c2.weight", "lin.weight"):  # in place, as a LoRA merge does
+            live[name].mul_(-0.5)
+            swapped[name].mul_(-0.5)
+        prog.load_constants({n: live[n] for n in ("c1.weight", "c2.weight", "lin.weight")})
+        x = torch.randn(2, 16, 12, 12)
+        other = ConvLinear().eval()
+        other.load_state_dict(swapped)
+        torch.testing.assert_close(_run(prog, x), other(x), atol=1e-5, rtol=1e-5)
+
+
+def test_recipes_are_data_not_code(tmp_path: Path) -> None:
+    bad = {"format": 1, "conv": {}, "constants": {"p": {"op": "aten.from_file.default", "args": ["/etc/passwd"]}}}
+    with pytest.raises(PrepackError, match=r"aten\.from_file\.default.*not one a recipe may call"):
+        Prepack.from_json(json.dumps(bad), "x.json")
+    for text, why in [("{", "malformed"), (json.dumps({"format": 9, "conv": {}, "constants": {}}), "format 9"),
+                      (json.dumps({"format": 1, "conv": {}, "constants": {"p": {"what": 1}}}), "malformed")]:
+        with pytest.raises(PrepackError, match=why):
+            Prepack.from_json(text, "x.json")
+    # through the loader: a clear ArtifactError, not a crash
+    (tmp_path / "m.prepack.json").write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match="not one a recipe may call"):
+        _read_prepack(tmp_path / "m.prepack.json")
+
+
+def test_recipe_values_and_sources() -> None:
+    torch.manual_seed(0)
+    w, lw = torch.randn(8, 4, 3, 3), torch.randn(6, 5)
+    plan = Prepack({"t": {"op": "aten.permute.default", "args": [{"ref": "lin.weight"}, [1, 0]], "kwargs": {}},
+                    "packed": {"op": "aten.clone.default", "args": [{"ref": "t"}],
+                               "kwargs": {"memory_format": {"memory_format": "torch.contiguous_format"}}}},
+                   {"conv.weight": ConvPack((1, 1), (1, 1), (1, 1), 1, (1, 4, 8, 8))})
+    plan = Prepack.from_json(plan.to_json(), "roundtrip")
+    assert plan.sources("packed") == {"lin.weight"} and plan.sources("conv.weight") == {"conv.weight"}
+    got = plan.compute({"lin.weight": lw, "conv.weight": w}, ["packed", "conv.weight"])
+    torch.testing.assert_close(got["packed"], lw.t())
+    assert got["conv.weight"].is_mkldnn
+    x = torch.randn(1, 4, 8, 8)
+    y = torch.ops.mkldnn._convolution_pointwise(x, got["conv.weight"], None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+    torch.testing.assert_close(y, nn.functional.conv2d(x, w, padding=1), atol=1e-5, rtol=1e-5)
