@@ -23,9 +23,10 @@ def use_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def ort_session_options(threads: int) -> Any:
+def ort_session_options(threads: int, spin: bool = True) -> Any:
     """onnxruntime session options pinned to `threads` intra-op threads and one inter-op thread (the
-    graphs are sequential; a second pool only competes for the cores)."""
+    graphs are sequential; a second pool only competes for the cores); `spin` False: idle threads sleep
+    instead of spin-waiting (onnxruntime's default), which otherwise holds the cores after each call."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -33,6 +34,7 @@ def ort_session_options(threads: int) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return opts
 
 

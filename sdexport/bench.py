@@ -51,6 +51,7 @@ class BenchOptions:
     torch_compile: bool = False
     threads: int | None = None  # CPU threads of every engine (runtime.cpu.use_threads); None: torch's
     control: str | None = None  # also the UNet step with one ControlNet (sdexport/bench_control.py)
+    spin: bool = True  # onnxruntime's idle threads spin-wait (runtime.load's `spin`)
 
 
 def _sync(device: torch.device) -> None:
@@ -270,7 +271,7 @@ def _eager_rows(sd: StableDiffusion, rows: _Rows) -> None:
 def _artifact_rows(rows: _Rows) -> None:
     for art in rows.opts.artifacts:
         t0 = time.perf_counter()
-        pipe = runtime.load(art, device=rows.opts.device, threads=rows.opts.threads)
+        pipe = runtime.load(art, device=rows.opts.device, threads=rows.opts.threads, spin=rows.opts.spin)
         assert isinstance(pipe.backend, ArtifactBackend)
         rows.log(f"loaded {art} in {time.perf_counter() - t0:.2f}s")
         path = f"artifact {pipe.backend.manifest.format} ({art})"
@@ -296,6 +297,7 @@ def _meta(opts: BenchOptions, device: torch.device, dtype_name: str, height: int
         "date": datetime.date.today().isoformat(),
         "model": opts.model, "device": opts.device, "device_name": device_name,
         "threads": torch.get_num_threads(), "onnxruntime_threads": [torch.get_num_threads(), 1],
+        "onnxruntime_spin": opts.spin,
         "dtype": dtype_name,
         "size": f"{width}x{height}", "steps": opts.steps, "repeat": opts.repeat,
         "torch": torch.__version__, "revision": _git_revision(),
@@ -326,7 +328,8 @@ def run_bench(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     meta = result["meta"]
     head = (f"{meta['model']} {meta['size']} {meta['dtype']} on {meta['device']} ({meta['device_name']}, "
-            f"{meta['threads']} threads, onnxruntime intra/inter {meta.get('onnxruntime_threads', '?')}), "
+            f"{meta['threads']} threads, onnxruntime intra/inter {meta.get('onnxruntime_threads', '?')}, "
+            f"spinning {'on' if meta.get('onnxruntime_spin', True) else 'off'}), "
             f"torch {meta['torch']}, rev {meta['revision']}, {meta['date']}")
     cols = [*COMPONENTS, "image"]
     lines = [head, f"{'path':<44}" + "".join(f"{c:>14}" for c in cols) + f"{'max|diff|':>12}"]

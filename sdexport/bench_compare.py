@@ -66,8 +66,8 @@ def _eager(sd: StableDiffusion, inp: Inputs, dtype: torch.dtype, channels_last: 
             "vae_decode": lambda: vae.decode(z).float()}
 
 
-def _artifact(art: Path, inp: Inputs, threads: int) -> tuple[str, dict[str, Call]]:
-    pipe = runtime.load(art, device="cpu", threads=threads)
+def _artifact(art: Path, inp: Inputs, threads: int, spin: bool) -> tuple[str, dict[str, Call]]:
+    pipe = runtime.load(art, device="cpu", threads=threads, spin=spin)
     be = pipe.backend
     assert isinstance(be, ArtifactBackend)
     m = be.manifest
@@ -136,14 +136,30 @@ def _onnx_artifact(artifacts: list[Path]) -> Path:
                      "--artifact (sdexport build MODEL -o ART --format onnx --kernels native)")
 
 
-def _candidates(sd: StableDiffusion, inp: Inputs, opts: BenchOptions, threads: int,
-                onnx_art: Path) -> list[Candidate]:
+def _ov_default_is_f32() -> bool:
+    hint = _openvino().Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    return (hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)) == "f32"
+
+
+def _candidates(sd: StableDiffusion, inp: Inputs, opts: BenchOptions, threads: int, onnx_art: Path,
+                log: Log) -> list[Candidate]:
+    """The rows. Without native bf16 (runtime.cpu.CpuCaps) eager bf16 only measures ATen's emulation
+    (0.13-0.19x of fp32 on an AVX2 CPU), so it is left out unless `opts.half`; OpenVINO's default precision
+    is timed only where it is not f32 (else it is the f32 row again)."""
     rows = [Candidate("eager fp32", _eager(sd, inp, torch.float32, channels_last=False)),
-            Candidate("eager fp32 channels_last", _eager(copy.deepcopy(sd), inp, torch.float32, True)),
-            Candidate("eager bf16 channels_last", _eager(copy.deepcopy(sd), inp, torch.bfloat16, True))]
+            Candidate("eager fp32 channels_last", _eager(copy.deepcopy(sd), inp, torch.float32, True))]
+    if cpu_caps().native_bf16 or opts.half:
+        rows.append(Candidate("eager bf16 channels_last", _eager(copy.deepcopy(sd), inp, torch.bfloat16, True)))
+    else:
+        log("eager bf16 left out: this CPU has no native bf16 (--half times it anyway)")
     for art in opts.artifacts:
-        rows.append(Candidate(*_artifact(Path(art), inp, threads)))
-    for precision in ("f32", None):
+        rows.append(Candidate(*_artifact(Path(art), inp, threads, opts.spin)))
+    precisions: list[str | None] = ["f32"]
+    if _ov_default_is_f32():
+        log("OpenVINO's default precision is f32 on this CPU: one OpenVINO row")
+    else:
+        precisions.append(None)
+    for precision in precisions:
         rows.append(Candidate(*_openvino_calls(onnx_art, inp, threads, precision)))
     return rows
 
@@ -165,7 +181,7 @@ def run_compare(opts: BenchOptions, thread_counts: list[int], log: Log = print) 
         for n in thread_counts:
             use_threads(n)
             log(f"threads {n}: preparing candidates ...")
-            cands = _candidates(sd, inp, opts, n, onnx_art)
+            cands = _candidates(sd, inp, opts, n, onnx_art, log)
             rows: dict[str, dict[str, Any]] = {c.path: {"ms": {}, "max_abs_diff": {}} for c in cands}
             for comp in COMPARED:
                 outs = {c.path: c.calls[comp]() for c in cands}
@@ -180,7 +196,8 @@ def run_compare(opts: BenchOptions, thread_counts: list[int], log: Log = print) 
     meta = _meta(opts, torch.device("cpu"), "float32", height, width)
     ov = _openvino()
     meta.update(threads=thread_counts, cpu=cpu_caps().describe(), openvino=ov.__version__.split("-")[0],
-                onnxruntime=_ort_version(), onnxruntime_threads="intra N, inter 1",
+                onnxruntime=_ort_version(),
+                onnxruntime_threads=f"intra N, inter 1, spinning {'on' if opts.spin else 'off'}",
                 openvino_config=", ".join(f"{k} {v}" for k, v in {**cpu_config(1, None),
                                                                    "INFERENCE_NUM_THREADS": "N"}.items()))
     return {"meta": meta, "tables": tables}

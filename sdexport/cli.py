@@ -475,6 +475,9 @@ def serve(args: tuple[str, ...]) -> None:
               help="CPU: the side-by-side UNet step / VAE decode table (eager fp32, channels_last, bf16, the "
                    "--artifact paths (openvino ones too), OpenVINO on the ONNX artifact; needs openvino), at 1 "
                    "and all threads unless --threads")
+@click.option("--ort-spin/--no-ort-spin", "spin", default=True, show_default=True,
+              help="onnxruntime's idle threads spin-wait between ops (its default); --no-ort-spin frees the "
+                   "cores after each call, so the engine timed next does not share them")
 @click.option("--control", default=None, metavar="CN",
               help="also time the UNet step with one ControlNet: a control artifact, a ControlNet folder or "
                    "file, or 'random' (mirrors the model's UNet)")
@@ -482,7 +485,7 @@ def serve(args: tuple[str, ...]) -> None:
 @_friendly
 def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, width: int | None,
           height: int | None, steps: int, repeat: int, backends: str, with_diffusers: bool,
-          with_compile: bool, threads: int | None, compare_openvino: bool, control: str | None,
+          with_compile: bool, threads: int | None, compare_openvino: bool, spin: bool, control: str | None,
           json_path: Path | None) -> None:
     """Time text encoder, UNet step (CFG batch 2), VAE decode/encode and a whole image, per path."""
     from sdexport.bench import format_table, run_bench
@@ -490,7 +493,7 @@ def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, widt
     opts = BenchOptions(model=model, artifacts=list(artifacts), device=device, half=half, width=width,
                         height=height, steps=steps, repeat=repeat,
                         backends=[b for b in backends.split(",") if b], diffusers=with_diffusers,
-                        torch_compile=with_compile, threads=threads, control=control)
+                        torch_compile=with_compile, threads=threads, control=control, spin=spin)
     if compare_openvino and control:
         raise click.UsageError("--control times the ControlNet on the bench's paths, not with --compare-openvino")
     if compare_openvino:

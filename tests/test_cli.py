@@ -142,7 +142,7 @@ def test_bench_reports_every_path_with_differences(artifact: Path, sd1_folder: P
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", str(sd1_folder), "--artifact", str(artifact), "-W", "64", "-H", "64",
                                        "--steps", "2", "--repeat", "1", "--backends", "sdpa,reference",
-                                       "--threads", "1", "--json", str(out)])
+                                       "--threads", "1", "--no-ort-spin", "--json", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     paths = [r["path"] for r in data["rows"]]
@@ -154,6 +154,7 @@ def test_bench_reports_every_path_with_differences(artifact: Path, sd1_folder: P
         assert max(row["max_abs_diff"].values()) < 1e-3, row  # every path computes the same thing
     assert data["meta"]["torch"] == torch.__version__
     assert data["meta"]["threads"] == 1 and data["meta"]["onnxruntime_threads"] == [1, 1]  # every engine's
+    assert data["meta"]["onnxruntime_spin"] is False and "spinning off" in result.output
     assert "unet_step" in result.output
 
 

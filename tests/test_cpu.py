@@ -48,11 +48,12 @@ def test_onnx_sessions_get_the_thread_count(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(ort, "InferenceSession", spy)
     onnx = _tiny_onnx(tmp_path / "m.onnx")
     x = torch.randn(2, 8)
-    for n in (1, 2):
-        out = artifact._onnx(onnx, torch.device("cpu"), cpu.use_threads(n))(x)
+    for n, spin in ((1, True), (2, False)):
+        out = artifact._onnx(onnx, torch.device("cpu"), cpu.use_threads(n), spin)(x)
         assert isinstance(out, torch.Tensor) and out.shape == (2, 4)
         assert torch.get_num_threads() == n
         assert made[-1].intra_op_num_threads == n and made[-1].inter_op_num_threads == 1
+        assert made[-1].get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
 
 
 def test_load_sets_and_records_threads(sd1_folder: Path, tmp_path: Path, keep_threads: Any) -> None:
@@ -94,28 +95,42 @@ def test_compare_openvino_needs_openvino(monkeypatch: pytest.MonkeyPatch, sd1_fo
         run_compare(BenchOptions(model=str(sd1_folder)), [1])
 
 
-def test_compare_openvino_table(sd1_folder: Path, onnx_artifact: Path, keep_threads: Any) -> None:
-    """Every row of the side-by-side table, at two thread counts; the float32 engines agree with eager."""
+def test_compare_openvino_table(sd1_folder: Path, onnx_artifact: Path, keep_threads: Any,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row of the side-by-side table, at two thread counts; the float32 engines agree with eager.
+    Eager bf16 is timed where the CPU has native bf16 or with `half`; OpenVINO's default precision only
+    where it is not f32."""
     pytest.importorskip("openvino")
+    from sdexport import bench_compare
     from sdexport.bench import BenchOptions
     from sdexport.bench_compare import COMPARED, format_compare, run_compare
 
-    opts = BenchOptions(model=str(sd1_folder), artifacts=[onnx_artifact], width=64, height=64, repeat=2)
+    opts = BenchOptions(model=str(sd1_folder), artifacts=[onnx_artifact], width=64, height=64, repeat=2,
+                        half=True, spin=False)
     with pytest.raises(ValueError, match="pass a float32 one with --artifact"):
         run_compare(BenchOptions(model=str(sd1_folder), width=64, height=64), [1])
     result = run_compare(opts, [1, 2], log=lambda s: None)
     assert [t["threads"] for t in result["tables"]] == [1, 2]
+    default_row = not bench_compare._ov_default_is_f32()
     for table in result["tables"]:
         paths = [r["path"] for r in table["rows"]]
         assert paths[:3] == ["eager fp32", "eager fp32 channels_last", "eager bf16 channels_last"]
-        assert paths[3].startswith("onnx artifact, float32") and "f32" in paths[4] and "default" in paths[5]
+        assert paths[3].startswith("onnx artifact, float32") and "f32" in paths[4]
+        assert len(paths) == 5 + default_row and (not default_row or "default" in paths[5])
         for row in table["rows"]:
             for comp in COMPARED:
                 assert row["ms"][comp] > 0
                 bound = 0.1 if "bf16" in row["path"] or "default" in row["path"] else 1e-4
                 assert row["max_abs_diff"][comp] <= bound, (row["path"], comp)
     text = format_compare(result)
-    assert "threads 2:" in text and "| eager fp32 channels_last |" in text
+    assert "threads 2:" in text and "| eager fp32 channels_last |" in text and "spinning off" in text
+    plain = cpu.CpuCaps(capability="AVX2", avx512=False, avx512_bf16=False, amx=False)
+    monkeypatch.setattr(bench_compare, "cpu_caps", lambda: plain)
+    logged: list[str] = []
+    result = run_compare(BenchOptions(model=str(sd1_folder), artifacts=[onnx_artifact], width=64, height=64,
+                                      repeat=1), [1], log=logged.append)
+    assert "bf16" not in " ".join(r["path"] for r in result["tables"][0]["rows"])
+    assert any("no native bf16" in line for line in logged)
 
 
 def test_bf16_artifact_on_a_cpu_without_native_bf16_runs_and_warns(sd1_folder: Path, tmp_path: Path,
