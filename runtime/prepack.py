@@ -48,6 +48,7 @@ OP_NAMES = (
     "mkldnn._reorder_linear_weight.default", "mkldnn._reorder_convolution_weight.default",
     "mkl._mkl_reorder_linear_weight.default",
 )
+LAYOUT_COPIES = ("aten.clone.default", "aten.contiguous.default")  # same values, another memory layout
 MEMORY_FORMATS = {str(f): f for f in (torch.contiguous_format, torch.channels_last, torch.preserve_format)}
 DTYPE_NAMES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
 
@@ -151,8 +152,17 @@ class Prepack:
                 memo[name] = _eval(self.constants[name], value) if name in self.constants else weights[name]
             return memo[name]
 
+        def source_of_copy(name: str) -> str:
+            # packing a layout copy repeats the copy's work (on SD 1.5: 5 s of a 16 s load): pack its source
+            expr = self.constants.get(name)
+            while (isinstance(expr, dict) and expr.get("op") in LAYOUT_COPIES and expr["args"]
+                   and isinstance(expr["args"][0], dict) and "ref" in expr["args"][0]):
+                name = expr["args"][0]["ref"]
+                expr = self.constants.get(name)
+            return name
+
         with torch.no_grad():
-            return {n: self.conv[n].pack(value(n)) if n in self.conv else value(n) for n in names}
+            return {n: self.conv[n].pack(value(source_of_copy(n))) if n in self.conv else value(n) for n in names}
 
 
 def refs(expr: Any) -> Iterable[str]:

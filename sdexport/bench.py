@@ -52,6 +52,8 @@ class BenchOptions:
     threads: int | None = None  # CPU threads of every engine (runtime.cpu.use_threads); None: torch's
     control: str | None = None  # also the UNet step with one ControlNet (sdexport/bench_control.py)
     spin: bool = True  # onnxruntime's idle threads spin-wait (runtime.load's `spin`)
+    channels_last: bool = True  # --compare-openvino: also eager fp32 channels_last (a second copy of the model)
+    openvino_onnx: str | None = None  # --compare-openvino: the ONNX artifact OpenVINO runs (sdexport/bench_compare.py)
 
 
 def _sync(device: torch.device) -> None:

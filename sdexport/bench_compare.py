@@ -25,7 +25,7 @@ import runtime
 from runtime.artifact import ArtifactBackend
 from runtime.control import Residuals, no_residuals
 from runtime.cpu import cpu_caps, use_threads
-from runtime.manifest import read_manifest
+from runtime.manifest import ArtifactError, read_manifest
 from runtime.openvino import cpu_config
 from sdexport.bench import BenchOptions, Inputs, _meta, _native_size, make_inputs
 from sdexport.pipeline import StableDiffusion
@@ -127,13 +127,23 @@ def _time_alternating(calls: dict[str, Call], repeat: int, warmup: int = 2) -> d
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _onnx_artifact(artifacts: list[Path]) -> Path:
+def _onnx_artifact(artifacts: list[Path], given: Path | None) -> Path:
+    """The float32 ONNX artifact whose graphs OpenVINO runs: `given` (--openvino-onnx; then it is not
+    timed in onnxruntime unless also an --artifact), else the first such --artifact."""
+    if given is not None:
+        try:
+            m = read_manifest(given)
+        except ArtifactError as e:
+            raise ValueError(f"--openvino-onnx {given}: not a float32 onnx artifact ({e})") from None
+        if m.format != "onnx" or m.dtype != "float32":
+            raise ValueError(f"--openvino-onnx {given}: not a float32 onnx artifact ({m.format}, {m.dtype})")
+        return given
     for art in artifacts:
         m = read_manifest(art)
         if m.format == "onnx" and m.dtype == "float32":
             return art
     raise ValueError("--compare-openvino runs OpenVINO on an ONNX artifact's graphs: pass a float32 one with "
-                     "--artifact (sdexport build MODEL -o ART --format onnx --kernels native)")
+                     "--artifact or --openvino-onnx (sdexport build MODEL -o ART --format onnx --kernels native)")
 
 
 def _ov_default_is_f32() -> bool:
@@ -146,8 +156,9 @@ def _candidates(sd: StableDiffusion, inp: Inputs, opts: BenchOptions, threads: i
     """The rows. Without native bf16 (runtime.cpu.CpuCaps) eager bf16 only measures ATen's emulation
     (0.13-0.19x of fp32 on an AVX2 CPU), so it is left out unless `opts.half`; OpenVINO's default precision
     is timed only where it is not f32 (else it is the f32 row again)."""
-    rows = [Candidate("eager fp32", _eager(sd, inp, torch.float32, channels_last=False)),
-            Candidate("eager fp32 channels_last", _eager(copy.deepcopy(sd), inp, torch.float32, True))]
+    rows = [Candidate("eager fp32", _eager(sd, inp, torch.float32, channels_last=False))]
+    if opts.channels_last:
+        rows.append(Candidate("eager fp32 channels_last", _eager(copy.deepcopy(sd), inp, torch.float32, True)))
     if cpu_caps().native_bf16 or opts.half:
         rows.append(Candidate("eager bf16 channels_last", _eager(copy.deepcopy(sd), inp, torch.bfloat16, True)))
     else:
@@ -170,7 +181,8 @@ def run_compare(opts: BenchOptions, thread_counts: list[int], log: Log = print) 
     _openvino()
     if opts.device != "cpu":
         raise ValueError("--compare-openvino compares CPU engines: use --device cpu")
-    onnx_art = _onnx_artifact([Path(a) for a in opts.artifacts])
+    onnx_art = _onnx_artifact([Path(a) for a in opts.artifacts],
+                              None if opts.openvino_onnx is None else Path(opts.openvino_onnx))
     sd = open_model(opts.model).to("cpu", torch.float32)
     height = opts.height or _native_size(opts.model, sd.info.family)
     width = opts.width or height

@@ -475,6 +475,12 @@ def serve(args: tuple[str, ...]) -> None:
               help="CPU: the side-by-side UNet step / VAE decode table (eager fp32, channels_last, bf16, the "
                    "--artifact paths (openvino ones too), OpenVINO on the ONNX artifact; needs openvino), at 1 "
                    "and all threads unless --threads")
+@click.option("--openvino-onnx", type=click.Path(exists=True, path_type=Path), default=None,
+              help="--compare-openvino: the float32 onnx artifact whose graphs OpenVINO runs, not itself timed "
+                   "in onnxruntime unless also an --artifact (saves its memory) [default: the first onnx "
+                   "--artifact]")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="--compare-openvino: the eager fp32 channels_last row (a second copy of the model in memory)")
 @click.option("--ort-spin/--no-ort-spin", "spin", default=True, show_default=True,
               help="onnxruntime's idle threads spin-wait between ops (its default); --no-ort-spin frees the "
                    "cores after each call, so the engine timed next does not share them")
@@ -485,15 +491,17 @@ def serve(args: tuple[str, ...]) -> None:
 @_friendly
 def bench(model: str, artifacts: tuple[Path, ...], device: str, half: bool, width: int | None,
           height: int | None, steps: int, repeat: int, backends: str, with_diffusers: bool,
-          with_compile: bool, threads: int | None, compare_openvino: bool, spin: bool, control: str | None,
-          json_path: Path | None) -> None:
+          with_compile: bool, threads: int | None, compare_openvino: bool, openvino_onnx: Path | None,
+          channels_last: bool, spin: bool, control: str | None, json_path: Path | None) -> None:
     """Time text encoder, UNet step (CFG batch 2), VAE decode/encode and a whole image, per path."""
     from sdexport.bench import format_table, run_bench
 
     opts = BenchOptions(model=model, artifacts=list(artifacts), device=device, half=half, width=width,
                         height=height, steps=steps, repeat=repeat,
                         backends=[b for b in backends.split(",") if b], diffusers=with_diffusers,
-                        torch_compile=with_compile, threads=threads, control=control, spin=spin)
+                        torch_compile=with_compile, threads=threads, control=control, spin=spin,
+                        channels_last=channels_last,
+                        openvino_onnx=None if openvino_onnx is None else str(openvino_onnx))
     if compare_openvino and control:
         raise click.UsageError("--control times the ControlNet on the bench's paths, not with --compare-openvino")
     if compare_openvino:

@@ -127,10 +127,14 @@ def test_compare_openvino_table(sd1_folder: Path, onnx_artifact: Path, keep_thre
     plain = cpu.CpuCaps(capability="AVX2", avx512=False, avx512_bf16=False, amx=False)
     monkeypatch.setattr(bench_compare, "cpu_caps", lambda: plain)
     logged: list[str] = []
-    result = run_compare(BenchOptions(model=str(sd1_folder), artifacts=[onnx_artifact], width=64, height=64,
-                                      repeat=1), [1], log=logged.append)
-    assert "bf16" not in " ".join(r["path"] for r in result["tables"][0]["rows"])
-    assert any("no native bf16" in line for line in logged)
+    result = run_compare(BenchOptions(model=str(sd1_folder), width=64, height=64, repeat=1, channels_last=False,
+                                      openvino_onnx=str(onnx_artifact)), [1], log=logged.append)
+    paths = [r["path"] for r in result["tables"][0]["rows"]]
+    assert "bf16" not in " ".join(paths) and any("no native bf16" in line for line in logged)
+    # no channels_last row; OpenVINO on the given graphs, which onnxruntime does not time (not an --artifact)
+    assert paths[0] == "eager fp32" and "OpenVINO" in paths[1] and len(paths) == 2 + default_row
+    with pytest.raises(ValueError, match="not a float32 onnx artifact"):
+        run_compare(BenchOptions(model=str(sd1_folder), width=64, height=64, openvino_onnx=str(sd1_folder)), [1])
 
 
 def test_bf16_artifact_on_a_cpu_without_native_bf16_runs_and_warns(sd1_folder: Path, tmp_path: Path,
