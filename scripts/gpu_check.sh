@@ -12,6 +12,7 @@
 #   bash scripts/gpu_check.sh formats      # build time and cold start per format (medium preset)
 #   bash scripts/gpu_check.sh lora         # LoRA load / swap / unload time, sd15 rank 32, fp16 (eager + aoti)
 #   bash scripts/gpu_check.sh controlnet   # one ControlNet's cost in the sd15 UNet step, fp16 (eager + pt2 artifacts)
+#   bash scripts/gpu_check.sh cpu-bf16     # the host CPU (AVX512-BF16 / AMX?): medium aoti fp32 vs --half (bf16)
 #
 # Several phases may be named in one call (GPU_CHECK_PHASES="..." works too); every phase first
 # builds if the library is missing or lacks its CUDA kernels.  Each step runs under `timeout`;
@@ -181,6 +182,24 @@ if want controlnet; then
   run 420 "$PY" scripts/bench_controlnet.py --model sd15 --size 512 --device cuda --half --format pt2 --repeat 20 \
     --work /tmp/cn-bench > "$RES/bench_controlnet_sd15.txt"
   cat "$RES/bench_controlnet_sd15.txt"
+fi
+
+# CPU bfloat16 (#15): the host CPU of the GPU machine may have AVX512-BF16 / AMX, which the dev VM lacks. The
+# default aoti artifact of the medium preset (prepacked at load) in float32 and with --half (bfloat16), beside
+# eager fp32, at 1 thread and every core. Stretch goal: bf16 artifact >= 4x eager fp32 per image. OpenVINO's
+# rows (--compare-openvino) would need its wheel carried (over the size limit with onnxruntime).
+if want cpu-bf16; then
+  step "CPU: $(lscpu | sed -n 's/^Model name: *//p'); bf16 flags: $(grep -o -w 'avx512_bf16\|amx_bf16\|amx_tile' /proc/cpuinfo | sort -u | paste -sd' ')"
+  for half in "" --half; do
+    run 240 "$PY" -m sdexport.cli build medium -o "/tmp/medium-cpu$half" --min-size 256 --max-size 256 \
+      --max-batch 1 --max-chunks 1 $half --force
+  done
+  for n in 1 "$(nproc)"; do
+    step "bench medium on the CPU, $n thread(s): eager fp32, aoti fp32, aoti bf16"
+    run 200 "$PY" -m sdexport.cli bench medium -W 256 -H 256 --steps 10 --repeat 5 --backends sdpa,fused \
+      --no-diffusers --threads "$n" --artifact /tmp/medium-cpu --artifact /tmp/medium-cpu--half \
+      --json "$RES/bench_cpu_bf16_t$n.json"
+  done
 fi
 
 step "done (rc=$rc)"

@@ -108,3 +108,21 @@ def test_recipe_values_and_sources() -> None:
     x = torch.randn(1, 4, 8, 8)
     y = torch.ops.mkldnn._convolution_pointwise(x, got["conv.weight"], None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
     torch.testing.assert_close(y, nn.functional.conv2d(x, w, padding=1), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_program_runs_on_any_cpu(tmp_path: Path) -> None:
+    """A bf16 build: oneDNN packs bf16 weights only where the CPU has bf16 support; elsewhere the recipes leave
+    them plain (a convolution pack falls back to the weight as it is) and the program still matches eager."""
+    torch.manual_seed(0)
+    model = ConvLinear().eval().to(torch.bfloat16)
+    x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16)
+    files = write_aoti("m", model, (x,), None, tmp_path)
+    prepack = tmp_path / files["prepack"] if "prepack" in files else None
+    prog, _ = _aoti(tmp_path / "m.pt2", tmp_path / "m.safetensors", torch.device("cpu"), prepack)
+    with torch.no_grad():
+        out = prog(x)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        torch.testing.assert_close(out.float(), model(x).float(), atol=3e-2, rtol=3e-2)
+    w = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16)
+    packed = ConvPack((1, 1), (1, 1), (1, 1), 1, (1, 4, 8, 8)).pack(w)
+    assert torch.equal(packed.to_dense() if packed.is_mkldnn else packed, w)

@@ -33,7 +33,11 @@ class NotRecordable(ValueError):
 
 
 def _hint(s: Any) -> int:
-    return int(s) if isinstance(s, int) else int(s.node.hint)
+    """An example size: oneDNN picks a packed layout from the channels, any spatial size will do."""
+    if isinstance(s, int):
+        return s
+    hint = s.node.hint
+    return int(hint) if hint is not None else 64
 
 
 def _op_name(target: Any) -> str:
