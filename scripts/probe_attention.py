@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,19 +48,6 @@ def _pair(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Callable[[], Tensor]]:
     return {"aten": aten, "sdfused": sdfused}
 
 
-def _median_ms(calls: dict[str, Callable[[], Tensor]], rounds: int) -> dict[str, float]:
-    for call in calls.values():
-        call()
-        call()
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default="medium")
@@ -74,6 +60,7 @@ def main() -> None:
 
     import runtime.ops  # noqa: F401  (registers sdfused)
     from sdexport.bench import make_inputs
+    from sdexport.bench_compare import time_alternating
     from sdexport.presets import open_model
 
     sd = open_model(args.model).to("cpu", torch.float32)
@@ -99,7 +86,7 @@ def main() -> None:
                 q, k, v = torch.randn(qs, dtype=dtype), torch.randn(ks, dtype=dtype), torch.randn(ks, dtype=dtype)
                 calls = _pair(q, k, v)
                 diff = float((calls["aten"]().float() - calls["sdfused"]().float()).abs().max())
-                ms = _median_ms(calls, args.rounds)
+                ms = time_alternating(calls, args.rounds)
                 for key, value in ms.items():
                     total[f"{dtype} {key}"] += n * value
                 print(f"| {str(dtype).removeprefix('torch.')} | {qs} | {ks[2]} | {n} | {ms['aten']:.2f} | "

@@ -113,7 +113,7 @@ def _openvino_calls(onnx_artifact: Path, inp: Inputs, threads: int,
     return f"OpenVINO {ov.__version__.split('-')[0]} on {onnx_artifact.name}/*.onnx, {label}", calls
 
 
-def _time_alternating(calls: dict[str, Call], repeat: int, warmup: int = 2) -> dict[str, float]:
+def time_alternating(calls: dict[str, Call], repeat: int, warmup: int = 2) -> dict[str, float]:
     """Median ms per call; each round calls every candidate once, in turn."""
     for call in calls.values():
         for _ in range(warmup):
@@ -201,7 +201,7 @@ def run_compare(opts: BenchOptions, thread_counts: list[int], log: Log = print) 
                 for path, out in outs.items():
                     rows[path]["max_abs_diff"][comp] = float((out - reference[comp]).abs().max())
                 log(f"threads {n}: timing {comp} ({len(cands)} candidates, {opts.repeat} rounds) ...")
-                for path, ms in _time_alternating({c.path: c.calls[comp] for c in cands}, opts.repeat).items():
+                for path, ms in time_alternating({c.path: c.calls[comp] for c in cands}, opts.repeat).items():
                     rows[path]["ms"][comp] = ms
             tables.append({"threads": n, "rows": [{"path": p, **r} for p, r in rows.items()]})
             del cands
