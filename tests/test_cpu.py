@@ -189,3 +189,33 @@ def test_bf16_artifact_refits(sd1_folder: Path, tmp_path: Path) -> None:
         got, before = image(runtime.load(tmp_path / "tuned")), image(runtime.load(art))
     assert (got - image(tuned.bfloat16())).abs().max().item() <= 1e-3
     assert (got - before).abs().max().item() > 1e-2  # the weights really changed
+
+
+def test_profile_cpu_script(sd1_folder: Path, onnx_artifact: Path, tmp_path: Path) -> None:
+    """scripts/profile_cpu.py: our ops and oneDNN's primitives for an artifact (adding up to its wall time),
+    OpenVINO's layers for the ONNX graph."""
+    pytest.importorskip("openvino")
+    import re
+    import subprocess
+    import sys
+
+    from sdexport import StableDiffusion
+
+    art = StableDiffusion.from_pretrained(sd1_folder).export(tmp_path / "pt2", format="pt2", max_batch=1,
+                                                             min_size=64, max_size=64, max_chunks=1)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_cpu.py"
+    out = subprocess.run([sys.executable, str(script), str(art), str(onnx_artifact), "--component", "vae",
+                          "--size", "64"], capture_output=True, text=True, check=True, timeout=300).stdout
+    ours, theirs = out.split("OpenVINO f32 on")
+    assert "| op sdfused::" in ours and "| oneDNN convolution " in ours and "| Convolution " in theirs
+    assert "| rest (Inductor loops, other ATen ops, copies) |" in ours
+
+    def table(text: str) -> tuple[float, list[float]]:
+        wall = re.search(r"wall ([\d.]+) ms", text)
+        assert wall is not None
+        return float(wall[1]), [float(m) for m in re.findall(r"^\| [^|]+ \| (-?[\d.]+) \|", text, re.M)]
+
+    wall, rows = table(ours)
+    assert wall > 0 and abs(sum(rows) - wall) <= 0.1 * wall  # the rest is wall minus the ops measured
+    wall, rows = table(theirs)
+    assert wall > 0 and rows and min(rows) >= 0
