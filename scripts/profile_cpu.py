@@ -61,7 +61,10 @@ def _ours_child(art: str, component: str, threads: int, size: int) -> None:
 def ours(art: str, component: str, threads: int, size: int) -> tuple[float, dict[str, float]]:
     env = {**os.environ, "ONEDNN_VERBOSE": "profile_exec", "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, __file__, "--child", art, "--component", component, "--threads",
-                          str(threads), "--size", str(size)], env=env, capture_output=True, text=True, check=True)
+                          str(threads), "--size", str(size)], env=env, capture_output=True, text=True)
+    if out.returncode != 0 or MARK not in out.stdout:  # e.g. not an artifact: the child's own error, not ours
+        errors = out.stderr.strip().splitlines()
+        raise SystemExit(f"profiling {art} failed: {errors[-1] if errors else f'exit status {out.returncode}'}")
     timed = out.stdout.split(MARK)[1].strip().splitlines()
     result = json.loads(timed[-1])
     ms: dict[str, float] = collections.defaultdict(float)
@@ -108,13 +111,19 @@ def _table(title: str, wall: float, ms: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", help="a CPU artifact (aoti, pt2, ...) to profile")
     ap.add_argument("onnx_artifact", nargs="?", help="a float32 onnx artifact for OpenVINO's counters")
     ap.add_argument("--component", choices=("unet", "vae"), default="unet")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--size", type=int, default=512, help="image size in pixels (latents are size / 8)")
+    ap.add_argument("--threads", type=_positive, default=1)
+    ap.add_argument("--size", type=_positive, default=512, help="image size in pixels (latents are size / 8)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

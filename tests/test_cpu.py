@@ -219,3 +219,7 @@ def test_profile_cpu_script(sd1_folder: Path, onnx_artifact: Path, tmp_path: Pat
     assert wall > 0 and abs(sum(rows) - wall) <= 0.1 * wall  # the rest is wall minus the ops measured
     wall, rows = table(theirs)
     assert wall > 0 and rows and min(rows) >= 0
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "missing")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "profiling" in bad.stderr and "missing" in bad.stderr  # the child's error
+    assert "Traceback" not in bad.stderr
