@@ -9,6 +9,11 @@ kernels used by torch.export / torch.compile, which reject what the compiled ker
 autograd formulas (eager training and `torch.library.opcheck`), so the ops trace into graphs as
 single custom-op nodes.
 
+The CPU kernels come in several builds (portable, AVX2, AVX-512: csrc/cpu/kernels.h); the first call
+picks the best one this CPU runs, capped at ATen's choice (so `ATEN_CPU_CAPABILITY=avx2` lowers both).
+`cpu_kernels()` names it, `cpu_kernel_capabilities()` lists those usable here, `use_cpu_kernels()`
+switches (tests and benchmarks).
+
 This module must not import sdexport, transformers or diffusers.
 """
 
@@ -27,12 +32,15 @@ __all__ = [
     "OpLibraryNotBuiltError",
     "attention",
     "available",
+    "cpu_kernel_capabilities",
+    "cpu_kernels",
     "geglu",
     "group_norm",
     "load",
     "reference_attention",
     "reference_geglu",
     "reference_group_norm",
+    "use_cpu_kernels",
 ]
 
 # Bumped when an op's schema or semantics change; artifacts record the version they were built with.
@@ -77,6 +85,29 @@ def load() -> None:
     """Load the op library; raises OpLibraryNotBuiltError with a build hint when missing."""
     if not _try_load():
         raise OpLibraryNotBuiltError(f"{BUILD_HINT} ({_load_error})") from _load_error
+
+
+def _ext() -> Any:
+    load()
+    return importlib.import_module(f"{__package__ or 'runtime'}._C")
+
+
+def cpu_kernels() -> str:
+    """The CPU kernels build the ops run on: "default" (portable), "avx2" or "avx512"."""
+    name: str = _ext().cpu_kernels()
+    return name
+
+
+def cpu_kernel_capabilities() -> tuple[str, ...]:
+    """The CPU kernels builds this CPU runs and this install ships, lowest first."""
+    names: tuple[str, ...] = _ext().cpu_kernel_capabilities()
+    return names
+
+
+def use_cpu_kernels(capability: str) -> None:
+    """Run later CPU op calls on the named build; ValueError (nothing changed) when it is unknown, the
+    CPU lacks its instructions or the install lacks it."""
+    _ext().use_cpu_kernels(capability)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     OMP_NUM_THREADS=1 python3 scripts/bench_ops.py --device cpu
     python3 scripts/bench_ops.py --verify                 # quick correctness check only
     python3 scripts/bench_ops.py --smoke --device cuda    # one tiny call per kernel (compute-sanitizer)
+    python3 scripts/bench_ops.py --device cpu --cpu-kernels all   # each CPU kernels build in turn
 
 Device time, not host dispatch: on CUDA each measurement replays a CUDA graph of --inner back-to-back
 calls (back-to-back calls between two events if the graph cannot be captured) and divides by
@@ -257,6 +258,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     env = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "cpu_kernels": ops.cpu_kernels(),
         "dtype": args.dtype,
         "torch": torch.__version__,
         "inner": args.inner,
@@ -267,7 +269,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(res: dict[str, Any]) -> None:
     env = res["env"]
-    print(f"# {env['device']}  dtype={env['dtype']}  torch={env['torch']}  ({env['inner']} calls per sample)")
+    print(f"# {env['device']}  dtype={env['dtype']}  torch={env['torch']}  ({env['inner']} calls per sample)"
+          f"  CPU kernels: {env['cpu_kernels']}")
     print(f"{'op':<18} {'shape':<26} {'fused ms':>9} {'torch ms':>9} {'speedup':>8}  extra")
     for r in res["rows"]:
         extra = []
@@ -293,7 +296,7 @@ def verify(device: str) -> bool:
     composite's error vs an fp32 reference, fp32 results within 1e-4."""
     torch.manual_seed(0)
     ok = True
-    dtypes = [torch.float16, torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32, torch.bfloat16]
 
     def check(name: str, ours: torch.Tensor, comp: torch.Tensor, ref: torch.Tensor) -> None:
         nonlocal ok
@@ -385,6 +388,11 @@ def main() -> int:
     )
     p.add_argument("--full", action="store_true", help="full SD shapes on CPU too")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--cpu-kernels", default=None,
+        help="CPU kernels build(s), comma-separated (default, avx2, avx512) or 'all' this CPU runs "
+        "(default: the one chosen for this CPU; --verify on the CPU checks all)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--verify", action="store_true", help="only run the quick correctness check")
     mode.add_argument("--smoke", action="store_true", help="only run one tiny call per kernel path")
@@ -396,19 +404,34 @@ def main() -> int:
     if args.smoke:
         smoke(args.device)
         return 0
+    if args.cpu_kernels in (None, "all"):
+        verify_all = args.verify and args.device == "cpu"
+        builds = list(ops.cpu_kernel_capabilities()) if args.cpu_kernels == "all" or verify_all else [ops.cpu_kernels()]
+    else:
+        builds = args.cpu_kernels.split(",")
+    results, ok = [], True
+    for build in builds:
+        try:
+            ops.use_cpu_kernels(build)
+        except ValueError as e:
+            p.error(f"--cpu-kernels: {e}")
+        if args.verify:
+            print(f"CPU kernels: {build}" if args.device == "cpu" else "")
+            ok &= verify(args.device)
+            continue
+        res = bench(args)
+        print_table(res)
+        results.append(res)
     if args.verify:
-        return 0 if verify(args.device) else 1
-    res = bench(args)
-    print_table(res)
+        return 0 if ok else 1
     out = args.json
     if out is None and os.environ.get("OUT"):
         out = Path(os.environ["OUT"]) / f"bench_ops_{args.device}.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
+        out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
         print(f"wrote {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

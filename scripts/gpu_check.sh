@@ -13,6 +13,7 @@
 #   bash scripts/gpu_check.sh lora         # LoRA load / swap / unload time, sd15 rank 32, fp16 (eager + aoti)
 #   bash scripts/gpu_check.sh controlnet   # one ControlNet's cost in the sd15 UNet step, fp16 (eager + pt2 artifacts)
 #   bash scripts/gpu_check.sh cpu-bf16     # the host CPU (AVX512-BF16 / AMX?): medium aoti fp32 vs --half (bf16)
+#   bash scripts/gpu_check.sh cpu-kernels  # the host CPU: numerics + timings of each CPU kernels build (AVX-512?)
 #
 # Several phases may be named in one call (GPU_CHECK_PHASES="..." works too); every phase first
 # builds if the library is missing or lacks its CUDA kernels.  Each step runs under `timeout`;
@@ -199,6 +200,19 @@ if want cpu-bf16; then
     run 200 "$PY" -m sdexport.cli bench medium -W 256 -H 256 --steps 10 --repeat 5 --backends sdpa,fused \
       --no-diffusers --threads "$n" --artifact /tmp/medium-cpu --artifact /tmp/medium-cpu--half \
       --json "$RES/bench_cpu_bf16_t$n.json"
+  done
+fi
+
+if want cpu-kernels; then
+  step "CPU kernels builds on $(lscpu | sed -n 's/^Model name: *//p'): $("$PY" -c 'from runtime import ops; print(ops.cpu_kernel_capabilities(), "chosen:", ops.cpu_kernels())')"
+  run 240 "$PY" scripts/bench_ops.py --verify --device cpu
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    run 300 "$PY" -m pytest tests/test_cpu_kernels.py tests/test_ops.py -q -m "not cuda" -p no:cacheprovider -x \
+      --junitxml="$RES/pytest_cpu_kernels.xml"
+  fi
+  for n in 1 "$(nproc)"; do
+    step "op micro-benchmarks per CPU kernels build, fp32, $n thread(s)"
+    OMP_NUM_THREADS=$n run 240 "$PY" scripts/bench_ops.py --device cpu --cpu-kernels all --json "$RES/bench_ops_cpu_t$n.json"
   done
 fi
 

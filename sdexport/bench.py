@@ -297,6 +297,8 @@ def _diffusers_rows(sd: StableDiffusion, rows: _Rows) -> None:
 def _meta(opts: BenchOptions, device: torch.device, dtype_name: str, height: int, width: int) -> dict[str, Any]:
     cuda = device.type == "cuda"
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    if not cuda and ops.available():
+        device_name += f", {ops.cpu_kernels()} kernels"  # which build of our CPU kernels ran
     return {
         "date": datetime.date.today().isoformat(),
         "model": opts.model, "device": opts.device, "device_name": device_name,

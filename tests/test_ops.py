@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +24,19 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and th
 DEVICES = ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.cuda])]
 
 FP32_TOL = 1e-5
+# every CPU kernels build this machine runs (portable, AVX2, AVX-512: csrc/cpu/kernels.h)
+CPU_KERNELS = list(ops.cpu_kernel_capabilities()) if ops.available() else ["default"]
+
+
+@pytest.fixture(params=CPU_KERNELS)
+def cpu_kernels(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test on one CPU kernels build, then restores the chosen one."""
+    before = ops.cpu_kernels()
+    ops.use_cpu_kernels(request.param)
+    try:
+        yield request.param
+    finally:
+        ops.use_cpu_kernels(before)
 
 
 def _seed(n: int = 0) -> torch.Generator:
@@ -134,6 +147,7 @@ GN_CASES = [
 @pytest.mark.parametrize(("shape", "groups"), GN_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.usefixtures("cpu_kernels")
 def test_group_norm_fp32(shape: tuple[int, ...], groups: int, channels_last: bool, silu: bool) -> None:
     _seed(2)
     x = torch.randn(shape) * 3 + 1.5
@@ -153,6 +167,7 @@ def test_group_norm_fp32(shape: tuple[int, ...], groups: int, channels_last: boo
             assert y.is_contiguous()
 
 
+@pytest.mark.usefixtures("cpu_kernels")
 def test_group_norm_noncontiguous_and_large_mean() -> None:
     _seed(3)
     x = torch.randn(2, 16, 10, 12).transpose(2, 3)  # neither contiguous nor channels_last
@@ -167,6 +182,7 @@ def test_group_norm_noncontiguous_and_large_mean() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.usefixtures("cpu_kernels")
 def test_group_norm_half_cpu(dtype: torch.dtype, channels_last: bool) -> None:
     _seed(4)
     x = torch.randn(2, 64, 12, 12) * 2
@@ -205,6 +221,7 @@ def _weights(kind: str, b: int, lk: int) -> torch.Tensor | None:
 
 @pytest.mark.parametrize(("b", "h", "lq", "lk", "d"), ATTN_CASES)
 @pytest.mark.parametrize("weights", ["none", "ones", "zeros", "mixed"])
+@pytest.mark.usefixtures("cpu_kernels")
 def test_attention_fp32(b: int, h: int, lq: int, lk: int, d: int, weights: str) -> None:
     _seed(5)
     q, k, v = torch.randn(b, h, lq, d), torch.randn(b, h, lk, d), torch.randn(b, h, lk, d)
@@ -220,6 +237,7 @@ def test_attention_fp32(b: int, h: int, lq: int, lk: int, d: int, weights: str) 
         assert _max_err(out, ops.attention(q, k, v, scale, None)) <= FP32_TOL
 
 
+@pytest.mark.usefixtures("cpu_kernels")
 def test_attention_strided_inputs_and_default_scale() -> None:
     _seed(6)
     # (B, L, H, D) -> (B, H, L, D) views, as produced by a fused qkv projection
@@ -235,6 +253,7 @@ def test_attention_strided_inputs_and_default_scale() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.usefixtures("cpu_kernels")
 def test_attention_half_cpu(dtype: torch.dtype) -> None:
     _seed(7)
     q, k, v = torch.randn(1, 2, 64, 40), torch.randn(1, 2, 77, 40), torch.randn(1, 2, 77, 40)
@@ -250,6 +269,7 @@ def test_attention_half_cpu(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 640), (3, 26), (1, 5, 7, 18), (4, 2)])
+@pytest.mark.usefixtures("cpu_kernels")
 def test_geglu_fp32(shape: tuple[int, ...]) -> None:
     _seed(8)
     x = torch.randn(shape) * 3
@@ -261,6 +281,7 @@ def test_geglu_fp32(shape: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.usefixtures("cpu_kernels")
 def test_geglu_half_cpu(dtype: torch.dtype) -> None:
     _seed(9)
     x = torch.randn(4, 77, 2 * 320) * 2
@@ -416,6 +437,7 @@ def test_fake_rejects_device_mismatch() -> None:
             ops.attention(q, q, q, 1.0, torch.ones(1, 5, device="meta"))
 
 
+@pytest.mark.usefixtures("cpu_kernels")
 def test_empty_inputs() -> None:
     assert ops.group_norm(torch.randn(0, 4, 3, 3), 2).shape == (0, 4, 3, 3)
     assert ops.attention(

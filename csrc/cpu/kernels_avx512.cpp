@@ -1,0 +1,3 @@
+// kernels.cpp built with the avx512 flags setup.py gives this file, into its own shared object
+// (see kernels.h for why not into runtime._C).
+#include "kernels.cpp"
