@@ -2,6 +2,9 @@
 // at::parallel_for.  All arithmetic is fp32; float16 / bfloat16 are converted on load/store.
 // Compiled once per instruction set (kernels.h): the CPU_CAPABILITY_* macros setup.py defines pick
 // the at::vec width and the AVX2 intrinsics below; every other build takes the portable paths.
+#if defined(SDFUSED_KERNELS_DSO)
+#include <Python.h>  // first, as Python asks; only for the empty module below
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -413,6 +416,15 @@ extern "C" __attribute__((visibility("default"))) const sdfused::CpuKernels* sdf
     size_t table, size_t gn, size_t attn, size_t geglu) {
   return sdfused::kernels_table(table, gn, attn, geglu);
 }
+
+// setuptools builds the SIMD builds as extension modules, so whatever walks the package and imports
+// every module (pkgutil, freezers) gets an empty module: SDFUSED_KERNELS_MODULE(avx2) in kernels_avx2.cpp.
+#define SDFUSED_KERNELS_MODULE(NAME)                                                                    \
+  extern "C" PyMODINIT_FUNC PyInit__sdfused_cpu_##NAME(void) {                                          \
+    static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_sdfused_cpu_" #NAME,                             \
+                              "sdfused CPU kernels (" #NAME "), loaded by runtime._C", -1, nullptr};    \
+    return PyModule_Create(&def);                                                                       \
+  }
 #else
 extern "C" const sdfused::CpuKernels* sdfused_cpu_kernels_builtin(size_t table, size_t gn, size_t attn,
                                                                    size_t geglu) {
