@@ -343,9 +343,10 @@ def _dense(dtype: torch.dtype, *tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(dtype).contiguous() for t in tensors)
 
 
-def load_kernels(root: Path, kernels: str) -> None:
-    """Load the fused op library when an artifact (model or ControlNet) was built with it."""
-    if kernels != "fused":
+def load_kernels(root: Path, *kernels: str) -> None:
+    """Load the fused op library when an artifact (model or ControlNet) was built with it (`kernels`: the
+    kernels of its programs)."""
+    if "fused" not in kernels:
         return
     from runtime import ops
 
@@ -376,7 +377,7 @@ def load(path: str | Path, device: str | torch.device | None = None, *, cuda_gra
     _check_compatible(m, dev, root)
     if dev.type == "cpu" and "bfloat16" in (m.dtype, m.vae_dtype_name):
         check_bf16(str(root))  # runs everywhere; warns where the CPU has no native bf16
-    load_kernels(root, m.kernels)
+    load_kernels(root, m.kernels, m.vae_kernels)
     pipe = Pipeline(ArtifactBackend(root, m, dev, cuda_graphs, threads, spin), low_ram=low_ram)
     pipe.set_adapter_dirs(lora_dir, embeddings_dir)
     return pipe

@@ -79,7 +79,7 @@ class Manifest:
     device: str  # "cpu" | "cuda"
     torch_version: str
     op_library_version: str  # "" when built with --kernels native
-    kernels: str  # "fused" | "native"
+    kernels: str  # "fused" | "native": the UNet's and text encoders'
     model_name: str
     model_hash: str
     build_options: dict[str, Any]
@@ -92,6 +92,7 @@ class Manifest:
     force_zeros_for_empty_prompt: bool = False
     force_upcast: bool = False  # the VAE programs stay float32 in a half-precision build
     vae_dtype: str = ""  # a key of DTYPES; "" (older artifacts): `dtype`
+    vae_kernels: str = ""  # "fused" | "native"; "" (older artifacts): `kernels`
     context_widths: list[int] = field(default_factory=list)  # per text encoder when several (SDXL base)
     # (channels, downscale) of each ControlNet residual the UNet program takes; [] = built before ControlNet
     control_residuals: list[list[int]] = field(default_factory=list)

@@ -99,7 +99,10 @@ def main() -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=BUILD_DEFAULTS["format"], show_default=True)
 @click.option("--half", is_flag=True, help="16-bit weights and compute: fp16 on cuda, bfloat16 on cpu")
 @click.option("--device", type=click.Choice(DEVICES), default=BUILD_DEFAULTS["device"], show_default=True)
-@click.option("--kernels", type=click.Choice(KERNELS), default=BUILD_DEFAULTS["kernels"], show_default=True)
+@click.option("--kernels", type=click.Choice(KERNELS), default=BUILD_DEFAULTS["kernels"], show_default=True,
+              help="UNet and text encoders: our fused ops, or plain torch ops")
+@click.option("--vae-kernels", type=click.Choice(KERNELS), default=None,
+              help="the VAE's [default: native on cpu (faster there), --kernels on cuda]")
 @click.option("--max-batch", type=int, default=BUILD_DEFAULTS["max_batch"], show_default=True,
               help="images per call")
 @click.option("--min-size", type=int, default=None, help="pixels [default: 256; SDXL 512]")
@@ -111,14 +114,14 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="replace an existing artifact")
 @_adapter_options
 @_friendly
-def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str, max_batch: int,
-          min_size: int | None, max_size: int | None, max_chunks: int, prediction_type: str | None,
-          force: bool, loras: tuple[str, ...], embeddings: tuple[Path, ...]) -> None:
+def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str, vae_kernels: str | None,
+          max_batch: int, min_size: int | None, max_size: int | None, max_chunks: int,
+          prediction_type: str | None, force: bool, loras: tuple[str, ...], embeddings: tuple[Path, ...]) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or a preset) into an artifact."""
     from sdexport.export.build import build as run_build
 
-    opts = BuildOptions(format=fmt, half=half, device=device, kernels=kernels, max_batch=max_batch,
-                        min_size=min_size, max_size=max_size, max_chunks=max_chunks)
+    opts = BuildOptions(format=fmt, half=half, device=device, kernels=kernels, vae_kernels=vae_kernels or "",
+                        max_batch=max_batch, min_size=min_size, max_size=max_size, max_chunks=max_chunks)
     opts.validate()
     t0 = time.perf_counter()
     if _build_controlnet(model, out, opts, force, prediction_type, loras, embeddings):
@@ -371,7 +374,8 @@ def inspect(artifact: Path) -> None:
         ("dtype / device", f"{m.dtype} / {m.device}"
                            + (f" (VAE {m.vae_dtype_name})" if m.vae_dtype_name != m.dtype else "")),
         ("programs", ", ".join(m.modules)),
-        ("kernels", m.kernels + (f" (op library {m.op_library_version})" if m.op_library_version else "")),
+        ("kernels", m.kernels + (f", VAE {m.vae_kernels}" if m.vae_kernels and m.vae_kernels != m.kernels else "")
+                    + (f" (op library {m.op_library_version})" if m.op_library_version else "")),
         ("torch", m.torch_version),
         ("shapes", f"batch 1..{s.max_batch}, {s.min_size}..{s.max_size} px in steps of {s.multiple}, "
                    f"prompts up to {s.max_chunks * 75} tokens"),

@@ -105,6 +105,9 @@ def test_artifact_matches_eager_in_fresh_process(fmt: str, sd: StableDiffusion, 
     sd.attention_backend("sdpa")
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["format"] == fmt and manifest["kernels"] == kernels
+    assert manifest["vae_kernels"] == "native"  # the CPU default
+    if fmt == "pt2" and kernels == "fused":
+        assert _fused_modules(art) == {"unet"}
     assert set(manifest["files"]) >= {"tokenizer.json"}
     if fmt == "aoti":  # a CPU build: oneDNN-packed weights, recomputed at load
         assert manifest["modules"]["unet"]["prepack"] == "unet.prepack.json", manifest["modules"]["unet"]
@@ -113,6 +116,34 @@ def test_artifact_matches_eager_in_fresh_process(fmt: str, sd: StableDiffusion, 
         assert out[key].shape == ref.shape, key
         err = (out[key] - ref).abs().max().item()
         assert err <= TOL, f"{fmt} {key}: max abs error {err}"
+
+
+def _sdfused_calls(program: Path) -> int:
+    ep = torch.export.load(str(program))
+    return sum(n.op == "call_function" and "sdfused" in str(n.target) for n in ep.graph.nodes)
+
+
+def _fused_modules(art: Path) -> set[str]:
+    """The pt2 artifact's UNet / VAE programs that call our ops (the text encoder has no call site)."""
+    m = json.loads((art / "manifest.json").read_text())
+    return {name for name in ("unet", "vae_decoder", "vae_encoder")
+            if _sdfused_calls(art / m["modules"][name]["program"])}
+
+
+@pytest.mark.skipif(_kernels() != "fused", reason="needs the op library")
+def test_vae_kernels_override(sd: StableDiffusion, eager: dict[str, Any], tmp_path: Path) -> None:
+    """--vae-kernels fused on a native build: only the VAE calls our ops, and the artifact still loads the op
+    library. (The default, a native VAE on the CPU, is checked in test_artifact_matches_eager_in_fresh_process.)"""
+    art = tmp_path / "vae-fused"
+    build(sd, art, BuildOptions(format="pt2", kernels="native", vae_kernels="fused", **OPTIONS))  # type: ignore[arg-type]
+    m = json.loads((art / "manifest.json").read_text())
+    assert (m["kernels"], m["vae_kernels"], m["op_library_version"]) == ("native", "fused", "1")
+    assert _fused_modules(art) == {"vae_decoder", "vae_encoder"}
+    out = runtime.load(art).text2img("a (red):1.3 fox", "blurry", steps=3, height=64, width=64,
+                                     latents=_jobs()["lat1"], output="tensor")
+    assert (out - eager["t2i_64_b1"]).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="vae_kernels must be one of fused, native"):
+        BuildOptions(vae_kernels="magic").validate()
 
 
 def _small_artifact(sd: StableDiffusion, root: Path) -> Path:

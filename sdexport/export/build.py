@@ -132,6 +132,9 @@ class BuildOptions:
     half: bool = False  # 16-bit weights and compute: float16 on CUDA, bfloat16 on the CPU (fp16 is slow there)
     device: str = "cpu"
     kernels: str = "fused"  # "fused": our custom ops as graph nodes; "native": plain torch ops
+    # the VAE's kernels; "": native on the CPU (Inductor lowers GroupNorm and plans its buffers: faster
+    # there at SD 1.5 size, BENCHMARKS.md), `kernels` on CUDA
+    vae_kernels: str = ""
     max_batch: int = 4  # images per call (the UNet serves twice this for CFG)
     min_size: int | None = None  # pixels; None: the family's `DEFAULT_SIZES`
     max_size: int | None = None
@@ -143,6 +146,9 @@ class BuildOptions:
             raise ValueError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.vae_kernels not in ("", *KERNELS):
+            raise ValueError(f"vae_kernels must be one of {', '.join(KERNELS)} (or empty for the device's "
+                             f"default), got {self.vae_kernels!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.format == "openvino":
@@ -175,7 +181,7 @@ class BuildOptions:
         self.validate()
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists (pass overwrite=True / --force to replace it)")
-        if self.kernels == "fused":
+        if self.uses_op_library:
             from runtime import ops
 
             ops.load()
@@ -187,6 +193,18 @@ class BuildOptions:
     @property
     def model_kernels(self) -> Kernels:
         return Kernels.FUSED if self.kernels == "fused" else Kernels.SDPA
+
+    @property
+    def vae_kernels_used(self) -> str:
+        return self.vae_kernels or ("native" if self.device == "cpu" else self.kernels)
+
+    @property
+    def vae_model_kernels(self) -> Kernels:
+        return Kernels.FUSED if self.vae_kernels_used == "fused" else Kernels.SDPA
+
+    @property
+    def uses_op_library(self) -> bool:
+        return "fused" in (self.kernels, self.vae_kernels_used)
 
     @property
     def dtype_name(self) -> str:
@@ -277,11 +295,11 @@ def _modules(sd: Exportable, spec: ShapeSpec, dtype: torch.dtype,
     return {name: (module, *examples[name]) for name, module in export_modules(sd, TOKEN_TABLES).items()}
 
 
-def _copy(sd: Exportable, device: torch.device, dtype: torch.dtype, kernels: Kernels) -> _Copy:
-    def cast(module: M | None, dt: torch.dtype = dtype) -> M | None:
-        return None if module is None else export_copy(module, device, dt, kernels)
+def _copy(sd: Exportable, device: torch.device, dtype: torch.dtype, kernels: Kernels, vae_kernels: Kernels) -> _Copy:
+    def cast(module: M | None, dt: torch.dtype = dtype, k: Kernels = kernels) -> M | None:
+        return None if module is None else export_copy(module, device, dt, k)
 
-    vae = cast(sd.vae, vae_dtype(sd.info, dtype))
+    vae = cast(sd.vae, vae_dtype(sd.info, dtype), vae_kernels)
     unet = cast(sd.unet)
     assert vae is not None and unet is not None
     return _Copy(unet=unet, vae=vae, text_encoder=cast(sd.text_encoder), text_encoder_2=cast(sd.text_encoder_2),
@@ -309,7 +327,7 @@ def build(sd: Exportable, out: str | Path, options: BuildOptions | None = None, 
     opts = (options or BuildOptions()).resolve(out, overwrite, sd.info.family, multiple, "UNet")
     assert opts.min_size is not None and opts.max_size is not None
     device, dtype = torch.device(opts.device), opts.graph_dtype
-    sd = _copy(sd, device, dtype, opts.model_kernels)
+    sd = _copy(sd, device, dtype, opts.model_kernels, opts.vae_model_kernels)
     spec = ShapeSpec(opts.max_batch, opts.min_size, opts.max_size, opts.max_chunks, multiple)
 
     report = BuildReport(out)
@@ -356,6 +374,6 @@ def _manifest(sd: Exportable, opts: BuildOptions, spec: ShapeSpec, entries: dict
         shapes=ShapeRange(max_batch=spec.max_batch, min_size=spec.min_size, max_size=spec.max_size,
                           multiple=spec.multiple, max_chunks=spec.max_chunks),
         dtype=opts.dtype_name, device=opts.device, torch_version=torch.__version__,
-        op_library_version=ops.VERSION if opts.kernels == "fused" else "",
-        kernels=opts.kernels, build_options=asdict(opts), modules=entries,
+        op_library_version=ops.VERSION if opts.uses_op_library else "",
+        kernels=opts.kernels, vae_kernels=opts.vae_kernels_used, build_options=asdict(opts), modules=entries,
         format_version=FORMAT_VERSION if TOKEN_TABLES else 1)
