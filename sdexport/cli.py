@@ -425,8 +425,8 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
     t_eager = time.perf_counter() - t1
     art = out / f"demo-{fmt}"
     step, close = _stage_bar(f"build {fmt}", len(modules_for(sd.info.family)))
-    run_build(sd, art, BuildOptions(format=fmt, kernels=kernels, max_batch=2, min_size=64, max_size=256),
-              overwrite=True, on_stage=step)
+    opts = BuildOptions(format=fmt, kernels=kernels, max_batch=2, min_size=64, max_size=256)
+    run_build(sd, art, opts, overwrite=True, on_stage=step)
     close()
     t_build = time.perf_counter() - t1 - t_eager
     t2 = time.perf_counter()
@@ -440,7 +440,7 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
     assert isinstance(images, list) and isinstance(compiled, Tensor) and isinstance(eager, Tensor)
     png = save_png(images[0], out / "demo.png")
     diff = (compiled - eager).abs().max().item()
-    click.echo(f"artifact  {art}  ({fmt}, kernels {kernels})")
+    click.echo(f"artifact  {art}  ({fmt}, kernels {kernels}, VAE {opts.vae_kernels_used})")
     click.echo(f"image     {png}  (128x128, 20 ddim steps, seed 7)")
     click.echo(f"timings   model init {t1 - t0:.2f}s | build {t_build:.1f}s | load {t_load:.2f}s | "
                f"first image {t_first:.2f}s | next image {t_second:.2f}s | eager image {t_eager:.2f}s")
