@@ -416,7 +416,8 @@ def main() -> int:
         except ValueError as e:
             p.error(f"--cpu-kernels: {e}")
         if args.verify:
-            print(f"CPU kernels: {build}" if args.device == "cpu" else "")
+            if args.device == "cpu":
+                print(f"CPU kernels: {build}")
             ok &= verify(args.device)
             continue
         res = bench(args)
