@@ -93,6 +93,9 @@ class Manifest:
     force_upcast: bool = False  # the VAE programs stay float32 in a half-precision build
     vae_dtype: str = ""  # a key of DTYPES; "" (older artifacts): `dtype`
     vae_kernels: str = ""  # "fused" | "native"; "" (older artifacts): `kernels`
+    # float32 CPU aoti builds: "mkl" | "onednn", the linear layers' engine; "" for other builds (and older
+    # artifacts, whose CPU aoti linear layers are oneDNN's)
+    cpu_gemm: str = ""
     context_widths: list[int] = field(default_factory=list)  # per text encoder when several (SDXL base)
     # (channels, downscale) of each ControlNet residual the UNet program takes; [] = built before ControlNet
     control_residuals: list[list[int]] = field(default_factory=list)

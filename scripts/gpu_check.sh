@@ -13,7 +13,8 @@
 #   bash scripts/gpu_check.sh lora         # LoRA load / swap / unload time, sd15 rank 32, fp16 (eager + aoti)
 #   bash scripts/gpu_check.sh controlnet   # one ControlNet's cost in the sd15 UNet step, fp16 (eager + pt2 artifacts)
 #   bash scripts/gpu_check.sh cpu-bf16     # the host CPU (AVX512-BF16 / AMX?): medium aoti fp32 vs --half (bf16)
-#   bash scripts/gpu_check.sh cpu-kernels  # the host CPU: numerics + timings of each CPU kernels build (AVX-512?)
+#   bash scripts/gpu_check.sh cpu-kernels  # the host CPU: numerics + timings of each CPU kernels build (AVX-512?),
+#                                          # and MKL vs oneDNN linear layers (--cpu-gemm's default)
 #
 # Several phases may be named in one call (GPU_CHECK_PHASES="..." works too); every phase first
 # builds if the library is missing or lacks its CUDA kernels.  Each step runs under `timeout`;
@@ -213,6 +214,8 @@ if want cpu-kernels; then
   for n in 1 "$(nproc)"; do
     step "op micro-benchmarks per CPU kernels build, fp32, $n thread(s)"
     OMP_NUM_THREADS=$n run 240 "$PY" scripts/bench_ops.py --device cpu --cpu-kernels all --json "$RES/bench_ops_cpu_t$n.json"
+    step "SD 1.5 UNet linear layers: oneDNN packed vs MKL (settles --cpu-gemm's default on this CPU), $n thread(s)"
+    OMP_NUM_THREADS=$n run 240 "$PY" scripts/probe_linear.py sd15 --size 512 --threads "$n" --rounds 5
   done
 fi
 

@@ -72,7 +72,8 @@ def _artifact(art: Path, inp: Inputs, threads: int, spin: bool) -> tuple[str, di
     assert isinstance(be, ArtifactBackend)
     m = be.manifest
     vae = f", VAE {m.vae_kernels}" if m.vae_kernels and m.vae_kernels != m.kernels else ""
-    name = f"{m.format} artifact, {m.dtype}, kernels {m.kernels}{vae} ({art.name})"
+    gemm = f", linear {m.cpu_gemm}" if m.cpu_gemm else ""
+    name = f"{m.format} artifact, {m.dtype}, kernels {m.kernels}{vae}{gemm} ({art.name})"
     return name, {"unet_step": lambda: be.unet(inp.x, inp.t, inp.context, inp.weights, inp.text_embeds,
                                                 inp.time_ids).float(),
                   "vae_decode": lambda: be.decode(inp.z).float()}

@@ -20,6 +20,7 @@ from runtime.samplers import SCHEDULER_NAMES
 from runtime.schedulers import PREDICTION_TYPES
 from sdexport.bench import BenchOptions
 from sdexport.export.build import DEVICES, KERNELS, BuildOptions
+from sdexport.export.mkl_linear import CPU_GEMMS
 from sdexport.presets import open_model
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,6 +104,9 @@ def main() -> None:
               help="UNet and text encoders: our fused ops, or plain torch ops")
 @click.option("--vae-kernels", type=click.Choice(KERNELS), default=None,
               help="the VAE's [default: native on cpu (faster there), --kernels on cuda]")
+@click.option("--cpu-gemm", type=click.Choice(CPU_GEMMS), default=None,
+              help="float32 cpu aoti builds: the linear layers' engine [default: mkl on AVX2 CPUs, onednn "
+                   "on AVX-512 ones, the faster as measured]")
 @click.option("--max-batch", type=int, default=BUILD_DEFAULTS["max_batch"], show_default=True,
               help="images per call")
 @click.option("--min-size", type=int, default=None, help="pixels [default: 256; SDXL 512]")
@@ -115,13 +119,14 @@ def main() -> None:
 @_adapter_options
 @_friendly
 def build(model: str, out: Path, fmt: str, half: bool, device: str, kernels: str, vae_kernels: str | None,
-          max_batch: int, min_size: int | None, max_size: int | None, max_chunks: int,
+          cpu_gemm: str | None, max_batch: int, min_size: int | None, max_size: int | None, max_chunks: int,
           prediction_type: str | None, force: bool, loras: tuple[str, ...], embeddings: tuple[Path, ...]) -> None:
     """Export MODEL (diffusers folder, .safetensors/.ckpt, or a preset) into an artifact."""
     from sdexport.export.build import build as run_build
 
     opts = BuildOptions(format=fmt, half=half, device=device, kernels=kernels, vae_kernels=vae_kernels or "",
-                        max_batch=max_batch, min_size=min_size, max_size=max_size, max_chunks=max_chunks)
+                        cpu_gemm=cpu_gemm or "", max_batch=max_batch, min_size=min_size, max_size=max_size,
+                        max_chunks=max_chunks)
     opts.validate()
     t0 = time.perf_counter()
     if _build_controlnet(model, out, opts, force, prediction_type, loras, embeddings):
@@ -375,7 +380,8 @@ def inspect(artifact: Path) -> None:
                            + (f" (VAE {m.vae_dtype_name})" if m.vae_dtype_name != m.dtype else "")),
         ("programs", ", ".join(m.modules)),
         ("kernels", m.kernels + (f", VAE {m.vae_kernels}" if m.vae_kernels and m.vae_kernels != m.kernels else "")
-                    + (f" (op library {m.op_library_version})" if m.op_library_version else "")),
+                    + (f" (op library {m.op_library_version})" if m.op_library_version else "")
+                    + (f", linear layers {m.cpu_gemm}" if m.cpu_gemm else "")),
         ("torch", m.torch_version),
         ("shapes", f"batch 1..{s.max_batch}, {s.min_size}..{s.max_size} px in steps of {s.multiple}, "
                    f"prompts up to {s.max_chunks * 75} tokens"),
@@ -440,7 +446,8 @@ def demo(out: Path, fmt: str, kernels: str) -> None:
     assert isinstance(images, list) and isinstance(compiled, Tensor) and isinstance(eager, Tensor)
     png = save_png(images[0], out / "demo.png")
     diff = (compiled - eager).abs().max().item()
-    click.echo(f"artifact  {art}  ({fmt}, kernels {kernels}, VAE {opts.vae_kernels_used})")
+    gemm = f", linear layers {opts.cpu_gemm_used}" if opts.cpu_gemm_used else ""
+    click.echo(f"artifact  {art}  ({fmt}, kernels {kernels}, VAE {opts.vae_kernels_used}{gemm})")
     click.echo(f"image     {png}  (128x128, 20 ddim steps, seed 7)")
     click.echo(f"timings   model init {t1 - t0:.2f}s | build {t_build:.1f}s | load {t_load:.2f}s | "
                f"first image {t_first:.2f}s | next image {t_second:.2f}s | eager image {t_eager:.2f}s")

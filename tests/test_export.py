@@ -20,6 +20,7 @@ import runtime
 from runtime.manifest import ArtifactError
 from sdexport import StableDiffusion
 from sdexport.export.build import BuildOptions, build
+from sdexport.export.mkl_linear import CPU_GEMMS, default_cpu_gemm
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-3
@@ -111,6 +112,7 @@ def test_artifact_matches_eager_in_fresh_process(fmt: str, sd: StableDiffusion, 
     assert set(manifest["files"]) >= {"tokenizer.json"}
     if fmt == "aoti":  # a CPU build: oneDNN-packed weights, recomputed at load
         assert manifest["modules"]["unet"]["prepack"] == "unet.prepack.json", manifest["modules"]["unet"]
+    assert manifest["cpu_gemm"] == (default_cpu_gemm() if fmt == "aoti" else "")
     out = _run_child(art, tmp_path)
     for key, ref in eager.items():
         assert out[key].shape == ref.shape, key
@@ -144,6 +146,21 @@ def test_vae_kernels_override(sd: StableDiffusion, eager: dict[str, Any], tmp_pa
     assert (out - eager["t2i_64_b1"]).abs().max().item() <= TOL
     with pytest.raises(ValueError, match="vae_kernels must be one of fused, native"):
         BuildOptions(vae_kernels="magic").validate()
+
+
+def test_cpu_gemm_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert BuildOptions(cpu_gemm="onednn").cpu_gemm_used == "onednn"
+    assert BuildOptions().cpu_gemm_used == default_cpu_gemm() and default_cpu_gemm() in CPU_GEMMS
+    assert BuildOptions(half=True).cpu_gemm_used == "" and BuildOptions(format="onnx").cpu_gemm_used == ""
+    with pytest.raises(ValueError, match="cpu_gemm must be one of mkl, onednn"):
+        BuildOptions(cpu_gemm="blas").validate()
+    for opts in (BuildOptions(cpu_gemm="mkl", half=True), BuildOptions(cpu_gemm="mkl", format="pt2")):
+        with pytest.raises(ValueError, match="cpu_gemm applies to float32 CPU aoti builds"):
+            opts.validate()
+    # the default follows the measurements: MKL on AVX2 CPUs, oneDNN on AVX-512 ones (and without MKL)
+    for capability, want in (("AVX2", "mkl"), ("AVX512", "onednn"), ("AVX512_BF16", "onednn")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert default_cpu_gemm() == (want if torch._C.has_mkl else "onednn")
 
 
 def _small_artifact(sd: StableDiffusion, root: Path) -> Path:

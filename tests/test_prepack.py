@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from runtime.artifact import _aoti, _read_prepack
 from runtime.manifest import ArtifactError
 from runtime.prepack import ConvPack, PackedProgram, Prepack, PrepackError
 from sdexport.export.formats import write_aoti
+from sdexport.export.mkl_linear import PACK_LINEAR, _weight_of
 
 
 class ConvLinear(nn.Module):
@@ -37,7 +39,7 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[ConvLinear, Path]:
     model = ConvLinear().eval()
     side = torch.export.Dim("side", min=4, max=32)
     out = tmp_path_factory.mktemp("prepack")
-    files = write_aoti("m", model, (torch.randn(2, 16, 8, 8),), ({2: side, 3: side},), out)
+    files = write_aoti("m", model, (torch.randn(2, 16, 8, 8),), ({2: side, 3: side},), out, cpu_gemm="onednn")
     assert files["prepack"] == "m.prepack.json"
     return model, out
 
@@ -126,3 +128,73 @@ def test_bfloat16_program_runs_on_any_cpu(tmp_path: Path) -> None:
     w = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16)
     packed = ConvPack((1, 1), (1, 1), (1, 1), 1, (1, 4, 8, 8)).pack(w)
     assert torch.equal(packed.to_dense() if packed.is_mkldnn else packed, w)
+
+
+class Block(nn.Module):
+    """Transformer-shaped linear layers on (B, L, C) tokens: without bias, with a GELU (Inductor fuses it into
+    oneDNN's call), a residual one (Inductor fuses the add) and a square one (where a transposed weight would
+    still fit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(32, 32, bias=False)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.out = nn.Linear(32, 32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.q(x)
+        h = h + self.down(nn.functional.gelu(self.up(h)))
+        y: Tensor = self.out(h)
+        return y
+
+
+def test_mkl_linears_read_the_weights_in_place(tmp_path: Path) -> None:
+    """cpu_gemm="mkl": the float32 linear layers, the residual one included, become MKL calls on their weights
+    (no packed copy, no recipe); one with a fused activation stays oneDNN's. The program matches eager at
+    every length and follows an in-place swap."""
+    torch.manual_seed(0)
+    model = Block().eval()
+    tokens = torch.export.Dim("tokens", min=2, max=300)
+    files = write_aoti("m", model, (torch.randn(2, 77, 32),), ({1: tokens},), tmp_path, cpu_gemm="mkl")
+    prepack = tmp_path / files["prepack"]
+    recipes = json.loads(prepack.read_text())["constants"]
+    packed = [n for n, e in recipes.items() if e["op"] == PACK_LINEAR]
+    assert len(packed) == 1 and _weight_of(recipes, packed[0]) == ("up.weight", True), recipes
+    prog, live = _aoti(tmp_path / "m.pt2", tmp_path / "m.safetensors", torch.device("cpu"), prepack)
+    assert set(live) == set(model.state_dict())
+    with torch.no_grad():
+        for n in (77, 2, 300):
+            x = torch.randn(2, n, 32)
+            torch.testing.assert_close(_run(prog, x), model(x), atol=1e-5, rtol=1e-5)
+        swapped = ("q.weight", "up.weight", "down.weight", "out.weight")
+        for name in swapped:  # in place, as a LoRA merge does
+            live[name].mul_(-0.5)
+            getattr(model, name.split(".")[0]).weight.mul_(-0.5)
+        prog.load_constants({n: live[n] for n in swapped})
+        x = torch.randn(2, 50, 32)
+        torch.testing.assert_close(_run(prog, x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_onednn_linears_stay_packed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Block().eval()
+    files = write_aoti("m", model, (torch.randn(2, 77, 32),), None, tmp_path, cpu_gemm="onednn")
+    recipes = json.loads((tmp_path / files["prepack"]).read_text())["constants"]
+    assert sum(e["op"] == PACK_LINEAR for e in recipes.values()) == 4
+
+
+def test_packed_linear_weight_resolution() -> None:
+    """The rewrite finds the weight behind a packed constant through transposes only."""
+    perm = {"op": "aten.permute.default", "args": [{"ref": "w"}, [1, 0]], "kwargs": {}}
+    consts: dict[str, Any] = {
+        "t": perm,
+        "p1": {"op": PACK_LINEAR, "args": [{"op": "aten.permute.default", "args": [{"ref": "t"}, [1, 0]],
+                                            "kwargs": {}}, 8], "kwargs": {}},
+        "p2": {"op": PACK_LINEAR, "args": [perm, 8], "kwargs": {}},
+        "p3": {"op": PACK_LINEAR, "args": [{"op": "aten.cat.default", "args": [[{"ref": "w"}, {"ref": "v"}]],
+                                            "kwargs": {}}, 8], "kwargs": {}},
+    }
+    assert _weight_of(consts, "p1") == ("w", True)  # packs permute(permute(w)) = w, stored (out, in)
+    assert _weight_of(consts, "p2") == ("w", False)  # packs permute(w): w is stored (in, out)
+    assert _weight_of(consts, "p3") is None and _weight_of(consts, "t") is None

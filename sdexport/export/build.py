@@ -24,6 +24,7 @@ from runtime.openvino import MISSING as OPENVINO_MISSING
 from runtime.tokenizer import ClipTokenizer
 from sdexport.export import formats
 from sdexport.export.control_unet import ControlUNetStep, ControlUNetStepXL, control_unet_example
+from sdexport.export.mkl_linear import CPU_GEMMS, default_cpu_gemm
 from sdexport.export.modules import (
     SIZE_STEP,
     ShapeSpec,
@@ -135,6 +136,9 @@ class BuildOptions:
     # the VAE's kernels; "": native on the CPU (Inductor lowers GroupNorm and plans its buffers: faster
     # there at SD 1.5 size, BENCHMARKS.md), `kernels` on CUDA
     vae_kernels: str = ""
+    # float32 CPU aoti builds: the linear layers' engine, one of CPU_GEMMS ("": this CPU's faster one,
+    # sdexport/export/mkl_linear.py)
+    cpu_gemm: str = ""
     max_batch: int = 4  # images per call (the UNet serves twice this for CFG)
     min_size: int | None = None  # pixels; None: the family's `DEFAULT_SIZES`
     max_size: int | None = None
@@ -149,6 +153,12 @@ class BuildOptions:
         if self.vae_kernels not in ("", *KERNELS):
             raise ValueError(f"vae_kernels must be one of {', '.join(KERNELS)} (or empty for the device's "
                              f"default), got {self.vae_kernels!r}")
+        if self.cpu_gemm not in ("", *CPU_GEMMS):
+            raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)} (or empty for this CPU's "
+                             f"default), got {self.cpu_gemm!r}")
+        if self.cpu_gemm and not self.cpu_linear_build:
+            raise ValueError("cpu_gemm applies to float32 CPU aoti builds (--format aoti --device cpu, "
+                             "without --half)")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.format == "openvino":
@@ -201,6 +211,16 @@ class BuildOptions:
     @property
     def vae_model_kernels(self) -> Kernels:
         return Kernels.FUSED if self.vae_kernels_used == "fused" else Kernels.SDPA
+
+    @property
+    def cpu_linear_build(self) -> bool:
+        """Whether the build has float32 CPU aoti programs, whose linear layers `cpu_gemm` chooses for."""
+        return self.format == "aoti" and self.device == "cpu" and not self.half
+
+    @property
+    def cpu_gemm_used(self) -> str:
+        """`cpu_gemm` resolved for this CPU; "" for builds it does not apply to."""
+        return (self.cpu_gemm or default_cpu_gemm()) if self.cpu_linear_build else ""
 
     @property
     def uses_op_library(self) -> bool:
@@ -339,7 +359,7 @@ def build(sd: Exportable, out: str | Path, options: BuildOptions | None = None, 
                 if on_stage:
                     on_stage(name)
                 t0 = time.perf_counter()
-                entries[name] = formats.write(opts.format, name, module.eval(), args, dyn, tmp)
+                entries[name] = formats.write(opts.format, name, module.eval(), args, dyn, tmp, opts.cpu_gemm_used)
                 report.seconds[name] = time.perf_counter() - t0
         if TOKEN_TABLES:
             for name, file in write_token_tables(tmp, sd, sd.info.family, dtype).items():
@@ -375,5 +395,6 @@ def _manifest(sd: Exportable, opts: BuildOptions, spec: ShapeSpec, entries: dict
                           multiple=spec.multiple, max_chunks=spec.max_chunks),
         dtype=opts.dtype_name, device=opts.device, torch_version=torch.__version__,
         op_library_version=ops.VERSION if opts.uses_op_library else "",
-        kernels=opts.kernels, vae_kernels=opts.vae_kernels_used, build_options=asdict(opts), modules=entries,
+        kernels=opts.kernels, vae_kernels=opts.vae_kernels_used, cpu_gemm=opts.cpu_gemm_used,
+        build_options=asdict(opts), modules=entries,
         format_version=FORMAT_VERSION if TOKEN_TABLES else 1)

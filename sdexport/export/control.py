@@ -86,7 +86,7 @@ def build_control(cn: Any, out: str | Path, options: BuildOptions | None = None,
         t0 = time.perf_counter()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            entry = formats.write(opts.format, CONTROL_PROGRAM, step.eval(), args, dyn, tmp)
+            entry = formats.write(opts.format, CONTROL_PROGRAM, step.eval(), args, dyn, tmp, opts.cpu_gemm_used)
         manifest = ControlManifest(
             format=opts.format, family=info.family, latent_channels=info.latent_channels,
             context_dim=info.context_dim, residuals=[list(r) for r in info.residuals],
@@ -96,7 +96,8 @@ def build_control(cn: Any, out: str | Path, options: BuildOptions | None = None,
                               max_chunks=spec.max_chunks),
             dtype=opts.dtype_name, device=opts.device, torch_version=torch.__version__,
             op_library_version=ops.VERSION if opts.kernels == "fused" else "", kernels=opts.kernels,
-            model_name=info.name, build_options={**asdict(opts), "seconds": round(time.perf_counter() - t0, 2)},
+            model_name=info.name, build_options={**asdict(opts), "cpu_gemm": opts.cpu_gemm_used,
+                                                 "seconds": round(time.perf_counter() - t0, 2)},
             modules={CONTROL_PROGRAM: entry})
         manifest.write(tmp)
     return out

@@ -40,20 +40,24 @@ def write_pt2(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, 
     return {"program": f"{name}.pt2", "weights": f"{name}.safetensors"}
 
 
-def write_aoti(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path) -> dict[str, str]:
+def write_aoti(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path,
+               cpu_gemm: str = "") -> dict[str, str]:
     """AOTInductor package without weights inside the .so; constants folded at run time, so weights
     loaded from the .safetensors (and later swapped) take effect everywhere. On the CPU it is compiled
     with freezing (oneDNN-packed weights) and `<name>.prepack.json` says how the runtime packs them at
-    load (sdexport/export/prepack.py); a program whose folds no recipe can express is compiled without."""
+    load (sdexport/export/prepack.py); a program whose folds no recipe can express is compiled without.
+    `cpu_gemm`: the engine of float32 linear layers on the CPU, one of mkl_linear.CPU_GEMMS ("": this
+    CPU's default)."""
     ep = _export(module, args, dyn)
     weights = _weights(ep)
     save_file(weights, str(out / f"{name}.safetensors"))
     package = out / f"{name}.pt2"
     configs = {"aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True}
     if args[0].device.type == "cpu":
+        from sdexport.export.mkl_linear import default_cpu_gemm
         from sdexport.export.prepack import NotRecordable, recording
 
-        with recording() as rec:
+        with recording(cpu_gemm or default_cpu_gemm()) as rec:
             torch._inductor.aoti_compile_and_package(ep, package_path=str(package), inductor_configs=configs)
         try:
             plan = rec.plan(_constant_names(package), set(weights))
@@ -117,5 +121,9 @@ WRITERS = {"pt2": write_pt2, "aoti": write_aoti, "torchscript": write_torchscrip
            "openvino": write_openvino}
 
 
-def write(fmt: str, name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path) -> dict[str, str]:
+def write(fmt: str, name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any, out: Path,
+          cpu_gemm: str = "") -> dict[str, str]:
+    """`cpu_gemm` applies to CPU aoti programs (write_aoti)."""
+    if fmt == "aoti":
+        return write_aoti(name, module, args, dyn, out, cpu_gemm)
     return WRITERS[fmt](name, module, args, dyn, out)

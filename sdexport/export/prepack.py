@@ -5,8 +5,9 @@ Two records are taken while Inductor compiles (its caches are off, so every pass
 - each constant freezing folds (`constant_folding.replace_node_with_constant`): the expression of the
   folded node over named constants (weights or earlier folds), e.g. `_frozen_param2 =
   mkldnn._reorder_linear_weight(permute(unet.x.weight, [1, 0]), 512)`;
-- each oneDNN convolution of the final graph (a post-grad pass that only looks): its weight constant and
-  parameters, packed at load by runtime.prepack.ConvPack (freezing leaves them unpacked under dynamic shapes).
+- each oneDNN convolution of the final graph (a post-grad pass): its weight constant and parameters, packed
+  at load by runtime.prepack.ConvPack (freezing leaves them unpacked under dynamic shapes). The same pass
+  may turn float32 linear layers into MKL calls on their weights (mkl_linear.py), which need no recipe.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import Match
 
 from runtime.prepack import DTYPE_NAMES, MEMORY_FORMATS, OP_NAMES, ConvPack, Prepack, refs
+from sdexport.export import mkl_linear
 
 CONV = torch.ops.mkldnn._convolution_pointwise.default
 PACK_CONV = "mkldnn._reorder_convolution_weight.default"
@@ -74,6 +76,7 @@ class Recorder:
     constants: dict[str, Any] = field(default_factory=dict)  # folded name -> expression
     unrecordable: dict[str, str] = field(default_factory=dict)  # folded name -> why it has no expression
     conv: dict[str, ConvPack] = field(default_factory=dict)
+    mkl_linears: int = 0  # linear layers rewritten to MKL sgemm
 
     def plan(self, program_constants: list[str], weights: set[str]) -> Prepack:
         """The recipes of the program's constants that are not weights (and of the folds they read);
@@ -109,14 +112,17 @@ def _is_conv(target: Any) -> bool:
     return False
 
 
-class _ConvObserver(CustomGraphPass):
-    """Post-grad pass that changes nothing: notes each oneDNN convolution whose weight is a constant used
-    by that convolution alone."""
+class _PostGrad(CustomGraphPass):
+    """Post-grad pass: with `cpu_gemm` "mkl", float32 linear layers become MKL sgemm calls on their weights
+    (sdexport/export/mkl_linear.py); then it notes each oneDNN convolution whose weight is a constant used by
+    that convolution alone (it changes no convolution)."""
 
-    def __init__(self, rec: Recorder) -> None:
-        self.rec = rec
+    def __init__(self, rec: Recorder, cpu_gemm: str) -> None:
+        self.rec, self.cpu_gemm = rec, cpu_gemm
 
     def __call__(self, graph: fx.Graph) -> None:
+        if self.cpu_gemm == "mkl":
+            self.rec.mkl_linears += mkl_linear.rewrite(graph, self.rec.constants)
         for node in graph.nodes:
             if node.op != "call_function" or not _is_conv(node.target):
                 continue
@@ -133,8 +139,9 @@ class _ConvObserver(CustomGraphPass):
 
 
 @contextmanager
-def recording() -> Iterator[Recorder]:
-    """Inductor config and hooks for a recorded freezing compile (restored on exit)."""
+def recording(cpu_gemm: str = "onednn") -> Iterator[Recorder]:
+    """Inductor config and hooks for a recorded freezing compile (restored on exit); `cpu_gemm`: one of
+    mkl_linear.CPU_GEMMS, the engine of the float32 linear layers."""
     import torch._inductor.constant_folding as cf
 
     rec = Recorder()
@@ -156,7 +163,7 @@ def recording() -> Iterator[Recorder]:
     cf.replace_node_with_constant = replace
     try:
         with torch._inductor.config.patch(freezing=True, force_disable_caches=True,
-                                          post_grad_custom_post_pass=_ConvObserver(rec)), torch.no_grad():
+                                          post_grad_custom_post_pass=_PostGrad(rec, cpu_gemm)), torch.no_grad():
             yield rec
     finally:
         cf.replace_node_with_constant = original
