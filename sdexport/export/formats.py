@@ -54,16 +54,22 @@ def write_aoti(name: str, module: nn.Module, args: tuple[Tensor, ...], dyn: Any,
     package = out / f"{name}.pt2"
     configs = {"aot_inductor.package_constants_in_so": False, "aot_inductor.use_runtime_constant_folding": True}
     if args[0].device.type == "cpu":
-        from sdexport.export.mkl_linear import default_cpu_gemm
+        from sdexport.export.mkl_linear import PACK_LINEAR, default_cpu_gemm
         from sdexport.export.prepack import NotRecordable, recording
 
-        with recording(cpu_gemm or default_cpu_gemm()) as rec:
+        gemm = cpu_gemm or default_cpu_gemm()
+        with recording(gemm) as rec:
             torch._inductor.aoti_compile_and_package(ep, package_path=str(package), inductor_configs=configs)
         try:
             plan = rec.plan(_constant_names(package), set(weights))
         except NotRecordable as e:
             warnings.warn(f"{name}: compiled without prepacked weights ({e})", RuntimeWarning, stacklevel=2)
         else:
+            if gemm == "mkl" and not rec.mkl_linears and any(
+                    e.get("op") == PACK_LINEAR for e in plan.constants.values()):
+                warnings.warn(f"{name}: no linear layer became an MKL call (this torch's graphs differ from what "
+                              "sdexport/export/mkl_linear.py expects); they stay oneDNN's", RuntimeWarning,
+                              stacklevel=2)
             (out / f"{name}.prepack.json").write_text(plan.to_json(), encoding="utf-8")
             return {"program": package.name, "weights": f"{name}.safetensors", "prepack": f"{name}.prepack.json"}
     torch._inductor.aoti_compile_and_package(ep, package_path=str(package), inductor_configs=configs)

@@ -75,11 +75,9 @@ def rewrite(graph: fx.Graph, constants: Mapping[str, Any]) -> int:
         if node.op != "call_function":
             continue
         residual = _residual_linear(node)
-        if not residual and not (node.target is LINEAR and node.args[3] == "none"):
+        if not (residual or node.target is LINEAR) or node.args[3] != "none":  # fused activations stay
             continue
         x, packed, bias = node.args[:3]
-        if residual and node.args[3] != "none":
-            continue
         assert isinstance(x, fx.Node) and isinstance(packed, fx.Node)
         xv = x.meta["val"]
         found = _weight_of(constants, str(packed.target)) if packed.op == "get_attr" else None
