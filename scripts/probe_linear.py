@@ -77,7 +77,7 @@ def main() -> None:
         for (m, k, n, bias), count in sorted(shapes.items(), key=lambda kv: -kv[0][0] * kv[0][1] * kv[0][2]):
             calls = _engines(m, k, n, bias)
             if not header:
-                print("| M x K -> N | calls | " + " | ".join(calls) + " |")
+                print("| M x K -> N (+ bias) | calls | " + " | ".join(calls) + " |")
                 print("|---|---|" + "---|" * len(calls))
                 header = True
             times: dict[str, list[float]] = {name: [] for name in calls}
@@ -91,7 +91,8 @@ def main() -> None:
             med = {name: statistics.median(v) for name, v in times.items()}
             for name, t in med.items():
                 totals[name] = totals.get(name, 0.0) + t * count
-            print(f"| {m} x {k} -> {n} | {count} | " + " | ".join(f"{t:.2f}" for t in med.values()) + " |",
+            print(f"| {m} x {k} -> {n}{' + b' if bias else ''} | {count} | "
+                  + " | ".join(f"{t:.2f}" for t in med.values()) + " |",
                   flush=True)
     base = totals["onednn packed"]
     print("| per step | | " + " | ".join(f"{t:.1f} ({base / t:.2f}x)" for t in totals.values()) + " |")

@@ -277,7 +277,8 @@ class StableDiffusion(Pipeline):
 
     def export(self, out: str | Path, *, overwrite: bool = False, **options: Any) -> Path:
         """Build an artifact (see `sdexport build`); options are `BuildOptions` fields:
-        format, half, device, kernels, max_batch, min_size, max_size, max_chunks. `self` is unchanged."""
+        format, half, device, kernels, vae_kernels, cpu_gemm, max_batch, min_size, max_size, max_chunks.
+        `self` is unchanged."""
         return build(self, out, BuildOptions(**options), overwrite=overwrite).path
 
     # ---- modules ----------------------------------------------------------------------------

@@ -112,6 +112,7 @@ def test_generate_img2img_and_inpaint_from_checkpoint(sd1_folder: Path, tmp_path
         (["generate", "demo", "-p", "x", "-W", "100"], "width must be a positive multiple of 8"),
         (["generate", "demo", "-p", "x", "--sampler", "magic", "--steps", "1"], "'magic' is not one of 'ddim'"),
         (["build", "demo", "-o", "x", "--min-size", "100"], "min_size must be a multiple of 64"),
+        (["build", "demo", "-o", "x", "--half", "--cpu-gemm", "mkl"], "cpu_gemm applies to float32 CPU aoti"),
     ],
 )
 def test_user_errors_are_one_clean_line(args: list[str], message: str, tmp_path: Path,
