@@ -2,8 +2,8 @@
 
 In an AOT compile with freezing, Inductor turns every linear layer into `mkldnn._linear_pointwise` on a
 oneDNN-packed weight (`mkldnn._reorder_linear_weight`), optionally with the residual add fused
-(`_linear_pointwise.binary`). On an AVX2 CPU (no AVX-512) MKL's sgemm on the plain weight is 11-15% faster
-at the UNet's shapes, at one and two threads (BENCHMARKS.md, "linear layers: MKL against oneDNN"); on an
+(`_linear_pointwise.binary`). On an AVX2 CPU (no AVX-512) MKL's sgemm on the plain weight is 13% (one thread)
+and 8% (two) faster over the SD 1.5 UNet's shapes (BENCHMARKS.md, "Linear layers: MKL against oneDNN"); on an
 AVX-512 CPU the issue that asked for prepacking measured the opposite (MKL sgemm at half oneDNN's rate).
 `rewrite` runs as a post-grad pass: each such float32 linear whose packed weight is a transpose of one
 weight becomes `mm` / `addmm` on that weight (then `+ other` for a fused residual). The weight stays a
@@ -112,16 +112,16 @@ def _mkl_linear(graph: fx.Graph, fake_mode: Any, x: fx.Node, name: str, weight: 
     w.meta["val"] = fake_mode.from_tensor(weight, static_shapes=True)
     wt = call(aten.permute.default, w, [1, 0]) if out_in else w  # (K, N): MKL reads the transpose in place
     xv = x.meta["val"]
-    lead: list[Any] = []
-    for i, size in enumerate(xv.shape[:-1]):
-        if isinstance(size, int):
-            lead.append(size)
-        else:
-            dim = graph.call_function(aten.sym_size.int, (x, i))
-            dim.meta["val"] = size
-            lead.append(dim)
     x2 = call(aten.reshape.default, x, [-1, xv.shape[-1]]) if xv.dim() != 2 else x
     y = call(aten.mm.default, x2, wt) if bias is None else call(aten.addmm.default, bias, x2, wt)
-    if xv.dim() != 2:
+    if xv.dim() != 2:  # back to (..., N); symbolic leading sizes are read from x
+        lead: list[Any] = []
+        for i, size in enumerate(xv.shape[:-1]):
+            if isinstance(size, int):
+                lead.append(size)
+            else:
+                dim = graph.call_function(aten.sym_size.int, (x, i))
+                dim.meta["val"] = size
+                lead.append(dim)
         y = call(aten.reshape.default, y, [*lead, wt.meta["val"].shape[1]])
     return y if other is None else call(aten.add.Tensor, y, other)
