@@ -176,6 +176,22 @@ def test_mkl_linears_read_the_weights_in_place(tmp_path: Path) -> None:
         torch.testing.assert_close(_run(prog, x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_rewrite_that_finds_nothing_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a torch upgrade changes the graphs so that no linear layer is rewritten, the build says so (and the
+    program still works, on oneDNN)."""
+    from sdexport.export import mkl_linear
+
+    monkeypatch.setattr(mkl_linear, "rewrite", lambda graph, constants: 0)
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(2, 77, 32)
+    with pytest.warns(RuntimeWarning, match="no linear layer became an MKL call"):
+        files = write_aoti("m", model, (x,), None, tmp_path, cpu_gemm="mkl")
+    prog, _ = _aoti(tmp_path / "m.pt2", tmp_path / "m.safetensors", torch.device("cpu"), tmp_path / files["prepack"])
+    with torch.no_grad():
+        torch.testing.assert_close(_run(prog, x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_onednn_linears_stay_packed(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Block().eval()

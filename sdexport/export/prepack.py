@@ -139,7 +139,7 @@ class _PostGrad(CustomGraphPass):
 
 
 @contextmanager
-def recording(cpu_gemm: str = "onednn") -> Iterator[Recorder]:
+def recording(cpu_gemm: str) -> Iterator[Recorder]:
     """Inductor config and hooks for a recorded freezing compile (restored on exit); `cpu_gemm`: one of
     mkl_linear.CPU_GEMMS, the engine of the float32 linear layers."""
     import torch._inductor.constant_folding as cf
